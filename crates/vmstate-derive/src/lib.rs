@@ -266,9 +266,7 @@ fn expand(input: &DeriveInput) -> syn::Result<Tokens> {
             sub_arms.push(quote! {
                 #sname => {
                     if #local.is_some() {
-                        return Err(#vs::VmStateError::new(
-                            #vs::ErrorKind::DuplicateSubsection(#sname.to_owned()),
-                        ));
+                        return Err(#vs::duplicate_subsection(#sname, &body));
                     }
                     let v = (|| {
                         #vs::check_version(&<#inner as #vs::VmState>::VMSD, sub_version)?;
@@ -372,9 +370,7 @@ fn expand(input: &DeriveInput) -> syn::Result<Tokens> {
                     match name {
                         #(#sub_arms)*
                         other => {
-                            return Err(#vs::VmStateError::new(
-                                #vs::ErrorKind::UnknownSubsection(other.to_owned()),
-                            ))
+                            return Err(#vs::unknown_subsection(other, &body))
                         }
                     }
                 }

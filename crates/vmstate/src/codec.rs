@@ -163,6 +163,16 @@ pub fn finish_subsection(body: &Reader<'_>) -> Result<(), VmStateError> {
     }
 }
 
+/// The error for a subsection the loader does not know (`body` is its body).
+pub fn unknown_subsection(name: &str, body: &Reader<'_>) -> VmStateError {
+    VmStateError::new(ErrorKind::UnknownSubsection(name.to_owned())).at_offset(body.offset())
+}
+
+/// The error for a subsection seen twice (`body` is the second one's body).
+pub fn duplicate_subsection(name: &str, body: &Reader<'_>) -> VmStateError {
+    VmStateError::new(ErrorKind::DuplicateSubsection(name.to_owned())).at_offset(body.offset())
+}
+
 /// Refuse a version outside `[minimum_version_id, version_id]` of `vmsd`.
 pub fn check_version(vmsd: &VmStateDescription, v: u32) -> Result<(), VmStateError> {
     if v > vmsd.version_id {

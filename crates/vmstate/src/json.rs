@@ -8,9 +8,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::codec::{check_version, Reader};
+use crate::codec::{check_version, duplicate_subsection, unknown_subsection, Reader};
 use crate::description::{FieldKind, VmStateDescription};
-use crate::error::{ErrorKind, VmStateError};
+use crate::error::VmStateError;
 
 /// Decode a top-level blob written at `version_id` into JSON, keyed by field name.
 /// Subsections appear as objects under their names; unused bytes are left out.
@@ -38,18 +38,17 @@ fn decode_struct(
             obj.insert(f.name.to_string(), v);
         }
     }
+    let mut seen: Vec<&str> = Vec::new();
     while let Some((name, version, mut body)) = r.subsection()? {
         let sub = vmsd
             .subsections
             .iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| {
-                VmStateError::new(ErrorKind::UnknownSubsection(name.to_owned()))
-                    .at_offset(body.offset())
-            })?;
-        if obj.contains_key(name) {
-            return Err(VmStateError::new(ErrorKind::DuplicateSubsection(name.to_owned())));
+            .ok_or_else(|| unknown_subsection(name, &body))?;
+        if seen.contains(&name) {
+            return Err(duplicate_subsection(name, &body));
         }
+        seen.push(name);
         let v = (|| {
             check_version(&sub.vmsd, version)?;
             let v = decode_struct(&sub.vmsd, &mut body, version)?;

@@ -51,7 +51,7 @@ mod json;
 
 pub use baton_vmstate_derive::VmState;
 pub use codec::{
-    check_version, decode_string, decode_vec, encode_string, encode_subsection, encode_unused,
+    check_version, decode_string, duplicate_subsection, unknown_subsection, decode_vec, encode_string, encode_subsection, encode_unused,
     encode_vec, finish_subsection, Reader, VmState, VmStateField, END_MARKER, SUBSECTION_MARKER,
 };
 pub use description::{Field, FieldKind, SchemaRef, Subsection, VmStateDescription};
