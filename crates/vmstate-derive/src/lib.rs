@@ -22,8 +22,8 @@ use proc_macro::TokenStream;
 use proc_macro2::TokenStream as Tokens;
 use quote::{format_ident, quote};
 use syn::{
-    parse_macro_input, spanned::Spanned, Data, DeriveInput, Expr, Fields, GenericArgument,
-    LitInt, LitStr, Path, PathArguments, Type,
+    parse_macro_input, spanned::Spanned, Data, DeriveInput, Expr, Fields, GenericArgument, LitInt,
+    LitStr, Path, PathArguments, Type,
 };
 
 #[proc_macro_derive(VmState, attributes(vmstate))]
@@ -227,8 +227,7 @@ fn expand(input: &DeriveInput) -> syn::Result<Tokens> {
         }
         let cont = container(ty);
         if let Some(sub_name) = &fa.subsection {
-            let Some(("Option", Some(inner))) = cont.as_ref().map(|(n, t)| (n.as_str(), *t))
-            else {
+            let Some(("Option", Some(inner))) = cont.as_ref().map(|(n, t)| (n.as_str(), *t)) else {
                 return Err(syn::Error::new(
                     ty.span(),
                     "vmstate: a subsection field must be Option<T> with T: VmState",
@@ -236,7 +235,10 @@ fn expand(input: &DeriveInput) -> syn::Result<Tokens> {
             };
             let sname = sub_name.clone().unwrap_or_else(|| wire.clone());
             if sname.len() > 255 {
-                return Err(syn::Error::new(field.span(), "vmstate: subsection name too long"));
+                return Err(syn::Error::new(
+                    field.span(),
+                    "vmstate: subsection name too long",
+                ));
             }
             let (needed_text, needed_check) = match &fa.needed {
                 Some(p) => (

@@ -73,18 +73,27 @@ pub enum FieldKind {
     I32,
     I64,
     /// `len` elements, no length prefix.
-    Array { len: u32, elem: SchemaRef<FieldKind> },
+    Array {
+        len: u32,
+        elem: SchemaRef<FieldKind>,
+    },
     /// A `u32` length prefix, at most `max_len`, then the elements.
     Vec {
         max_len: u32,
         elem: SchemaRef<FieldKind>,
     },
     /// A `u32` byte-length prefix, at most `max_len`, then UTF-8 bytes.
-    String { max_len: u32 },
+    String {
+        max_len: u32,
+    },
     /// A nested state struct: its own `u32` version, its fields, its subsections.
-    Struct { vmsd: SchemaRef<VmStateDescription> },
+    Struct {
+        vmsd: SchemaRef<VmStateDescription>,
+    },
     /// `size` bytes kept in place of a removed field; written as zeros, skipped on load.
-    Unused { size: u32 },
+    Unused {
+        size: u32,
+    },
 }
 
 impl FieldKind {

@@ -88,7 +88,8 @@ impl VmStateError {
 
     /// Prepend a subsection name.
     pub fn in_subsection(mut self, name: &str) -> Self {
-        self.path.insert(0, PathSegment::Subsection(name.to_owned()));
+        self.path
+            .insert(0, PathSegment::Subsection(name.to_owned()));
         self
     }
 
@@ -177,12 +178,18 @@ mod tests {
         let e = VmStateError::invalid("next_avail", "70000 exceeds size 256")
             .in_index(3)
             .in_field("queues");
-        assert_eq!(e.to_string(), "queues[3].next_avail: 70000 exceeds size 256");
+        assert_eq!(
+            e.to_string(),
+            "queues[3].next_avail: 70000 exceeds size 256"
+        );
         let e = VmStateError::invalid("queues[3].next_avail", "x");
         assert_eq!(e.path_string(), "queues[3].next_avail");
         let e = VmStateError::new(ErrorKind::InvalidBool(7))
             .at_offset(12)
             .in_field("link_up");
-        assert_eq!(e.to_string(), "link_up: invalid bool byte 0x07 (at byte 12)");
+        assert_eq!(
+            e.to_string(),
+            "link_up: invalid bool byte 0x07 (at byte 12)"
+        );
     }
 }

@@ -77,9 +77,7 @@ fn decode_kind(kind: &FieldKind, r: &mut Reader<'_>) -> Result<Value, VmStateErr
             let len = r.length(*max_len)?;
             decode_elems(elem, len, r)?
         }
-        FieldKind::String { max_len } => {
-            Value::String(crate::codec::decode_string(r, *max_len)?)
-        }
+        FieldKind::String { max_len } => Value::String(crate::codec::decode_string(r, *max_len)?),
         FieldKind::Struct { vmsd } => {
             let v = r.version(vmsd)?;
             decode_struct(vmsd, r, v)?

@@ -51,8 +51,9 @@ mod json;
 
 pub use baton_vmstate_derive::VmState;
 pub use codec::{
-    check_version, decode_string, duplicate_subsection, unknown_subsection, decode_vec, encode_string, encode_subsection, encode_unused,
-    encode_vec, finish_subsection, Reader, VmState, VmStateField, END_MARKER, SUBSECTION_MARKER,
+    check_version, decode_string, decode_vec, duplicate_subsection, encode_string,
+    encode_subsection, encode_unused, encode_vec, finish_subsection, unknown_subsection, Reader,
+    VmState, VmStateField, END_MARKER, SUBSECTION_MARKER,
 };
 pub use description::{Field, FieldKind, SchemaRef, Subsection, VmStateDescription};
 pub use error::{ErrorKind, PathSegment, VmStateError};

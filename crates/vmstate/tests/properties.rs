@@ -58,40 +58,50 @@ fn queue() -> impl Strategy<Value = Queue> {
         any::<u16>(),
         any::<i16>(),
     )
-        .prop_map(|(ready, size, [desc, avail, used], next_avail, next_used, vector)| Queue {
-            ready,
-            size,
-            desc,
-            avail,
-            used,
-            next_avail,
-            next_used,
-            vector,
-        })
+        .prop_map(
+            |(ready, size, [desc, avail, used], next_avail, next_used, vector)| Queue {
+                ready,
+                size,
+                desc,
+                avail,
+                used,
+                next_avail,
+                next_used,
+                vector,
+            },
+        )
 }
 
 fn dev() -> impl Strategy<Value = Dev> {
     (
-        (any::<u64>(), any::<[u8; 6]>(), any::<i8>(), any::<i64>(), any::<[i32; 2]>()),
+        (
+            any::<u64>(),
+            any::<[u8; 6]>(),
+            any::<i8>(),
+            any::<i64>(),
+            any::<[i32; 2]>(),
+        ),
         prop::collection::vec(queue(), 0..=6),
         "\\PC{0,3}",
         prop::collection::vec(any::<[u16; 2]>(), 0..=5),
         any::<u32>(),
         prop::option::of(prop::collection::vec(any::<u32>(), 0..=8)),
     )
-        .prop_map(|((features, mac, small, big, wide), queues, name, tail, u32_, opt)| Dev {
-            features,
-            mac,
-            small,
-            big,
-            wide,
-            queues,
-            name,
-            gap: (),
-            tail,
-            u32_,
-            opt: opt.map(|words| Opt { words }),
-        })
+        .prop_map(
+            |((features, mac, small, big, wide), queues, name, tail, u32_, opt)| Dev {
+                features,
+                mac,
+                small,
+                big,
+                wide,
+                queues,
+                name,
+                gap: (),
+                tail,
+                u32_,
+                opt: opt.map(|words| Opt { words }),
+            },
+        )
 }
 
 #[derive(Debug, Clone)]

@@ -120,9 +120,16 @@ fn unused_bytes_are_zero_and_skipped() {
 fn description_is_complete_and_round_trips_through_json() {
     let d: &VmStateDescription = Everything::vmsd();
     assert_eq!(d.name, "everything");
-    assert_eq!((d.version_id, d.minimum_version_id, d.early_setup), (2, 1, true));
+    assert_eq!(
+        (d.version_id, d.minimum_version_id, d.early_setup),
+        (2, 1, true)
+    );
     let names: Vec<_> = d.fields.iter().map(|f| f.name.as_ref()).collect();
-    assert_eq!(names.len(), 19, "skip and subsection fields are not plain fields");
+    assert_eq!(
+        names.len(),
+        19,
+        "skip and subsection fields are not plain fields"
+    );
     assert!(!names.contains(&"runtime_only"));
     let newer = d.fields.iter().find(|f| f.name == "newer").unwrap();
     assert_eq!((newer.since, &newer.kind), (2, &FieldKind::U32));
@@ -162,7 +169,10 @@ fn decode_to_json_uses_only_the_description() {
     bad[0] = 2;
     let typed = Everything::load(&bad, 2).unwrap_err();
     let untyped = decode_to_json(&d, &bad, 2).unwrap_err();
-    assert_eq!(typed.to_string(), "flag: invalid bool byte 0x02 (at byte 0)");
+    assert_eq!(
+        typed.to_string(),
+        "flag: invalid bool byte 0x02 (at byte 0)"
+    );
     assert_eq!(untyped.to_string(), typed.to_string());
 }
 
@@ -235,7 +245,10 @@ fn validate_errors_name_the_path() {
     };
     d.queues[3].next_avail = 70000;
     let e = Dev::load(&d.save(), 1).unwrap_err();
-    assert_eq!(e.to_string(), "queues[3].next_avail: 70000 exceeds size 256");
+    assert_eq!(
+        e.to_string(),
+        "queues[3].next_avail: 70000 exceeds size 256"
+    );
 }
 
 #[test]
@@ -250,11 +263,19 @@ fn bounds_are_enforced_before_allocation() {
     }
     // Length prefix u32::MAX with 4 bytes of input: refused, nothing allocated.
     let e = Big::load(&[0xff, 0xff, 0xff, 0xff], 1).unwrap_err();
-    assert_eq!(e.to_string(), "v: length 4294967295 exceeds the maximum 4 (at byte 0)");
+    assert_eq!(
+        e.to_string(),
+        "v: length 4294967295 exceeds the maximum 4 (at byte 0)"
+    );
     let blob = [1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, b'a'];
     let e = Big::load(&blob, 1).unwrap_err();
-    assert_eq!(e.to_string(), "s: length 4 exceeds the maximum 3 (at byte 12)");
-    let blob = [1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0xc3, 0x28, 0];
+    assert_eq!(
+        e.to_string(),
+        "s: length 4 exceeds the maximum 3 (at byte 12)"
+    );
+    let blob = [
+        1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0xc3, 0x28, 0,
+    ];
     let e = Big::load(&blob, 1).unwrap_err();
     assert_eq!(e.to_string(), "s: invalid UTF-8 in string (at byte 16)");
     let blob = [2, 0, 0, 0, 7, 0, 0, 0];
@@ -270,5 +291,8 @@ fn bounds_are_enforced_before_allocation() {
     .save();
     ok.push(0);
     let e = Big::load(&ok, 1).unwrap_err();
-    assert_eq!(e.to_string(), "1 bytes left over after the state (at byte 19)");
+    assert_eq!(
+        e.to_string(),
+        "1 bytes left over after the state (at byte 19)"
+    );
 }

@@ -125,7 +125,10 @@ fn subsection_absent_loads_in_both_builds() {
         announce: None,
     }
     .save();
-    assert_eq!(sub_old::Nic::load(&blob, 1).unwrap(), sub_old::Nic { link: true });
+    assert_eq!(
+        sub_old::Nic::load(&blob, 1).unwrap(),
+        sub_old::Nic { link: true }
+    );
 }
 
 #[test]
@@ -157,7 +160,10 @@ fn unknown_subsection_is_refused_by_name() {
     }
     .save();
     let e = sub_old::Nic::load(&blob, 1).unwrap_err();
-    assert_eq!(e.to_string(), "unknown subsection \"announce\" (at byte 19)");
+    assert_eq!(
+        e.to_string(),
+        "unknown subsection \"announce\" (at byte 19)"
+    );
 }
 
 #[test]
@@ -185,7 +191,10 @@ fn subsection_errors_name_the_subsection() {
         b
     };
     let e = sub_new::Nic::load(&dup, 1).unwrap_err();
-    assert_eq!(e.to_string(), "subsection \"rss\" appears twice (at byte 32)");
+    assert_eq!(
+        e.to_string(),
+        "subsection \"rss\" appears twice (at byte 32)"
+    );
 }
 
 #[test]

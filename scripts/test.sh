@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command of the README: sets up what the tests need on a fresh Debian machine
+# (root), then runs the formatting and lint gates and every test of the workspace,
+# including the KVM harness. Set BATON_CI=1 to make a missing resource (/dev/kvm,
+# /dev/net/tun, qemu-storage-daemon) fail the harness instead of skipping it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v qemu-storage-daemon >/dev/null || need_pkgs+=(qemu-utils)
+command -v objcopy >/dev/null || need_pkgs+=(binutils)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    echo "== installing ${need_pkgs[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
+echo "== all tests passed"
