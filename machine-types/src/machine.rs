@@ -53,8 +53,9 @@ pub struct AppliedCompat {
     pub entry: CompatEntry,
 }
 
-/// A listing row (for `-M help` and QMP `query-machines`).
+/// A listing row (for `-M help` and QMP `query-machines`); JSON keys are kebab-case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct MachineInfo {
     /// Full name, `microvm-1.1`.
     pub name: String,

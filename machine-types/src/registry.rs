@@ -178,6 +178,31 @@ impl MachineRegistry {
             .collect()
     }
 
+    /// The listing for `-M help`, newest first within each family.
+    pub fn render_list(&self) -> String {
+        let list = self.list();
+        let width = list.iter().map(|m| m.name.len()).max().unwrap_or(0);
+        let mut out = String::from("Machine types:\n");
+        for machine in list {
+            let mut notes = Vec::new();
+            if let Some(alias) = &machine.alias {
+                notes.push(format!("alias {alias}"));
+            }
+            if machine.is_default {
+                notes.push("default".to_owned());
+            }
+            if machine.deprecated {
+                notes.push("deprecated".to_owned());
+            }
+            out.push_str(&format!("  {:<width$}  {}", machine.name, machine.doc));
+            if !notes.is_empty() {
+                out.push_str(&format!(" ({})", notes.join(", ")));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
     fn known_names(&self) -> Vec<String> {
         let mut known = Vec::new();
         for family in &self.families {

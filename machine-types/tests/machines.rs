@@ -165,11 +165,21 @@ fn listing() {
     assert!(list[0].is_default);
     assert!(list[1].alias.is_none() && !list[1].is_default);
     assert!(list[4].deprecated);
+    assert_eq!(
+        machines.render_list(),
+        "Machine types:
+  microvm-1.1  virtio-mmio machine with PVH boot, no PCI and no ACPI (alias microvm, default)
+  microvm-1.0  virtio-mmio machine with PVH boot, no PCI and no ACPI
+  toy-2.0      toy machine (alias toy)
+  toy-1.1      toy machine
+  toy-1.0      toy machine (deprecated)
+"
+    );
     let json = serde_json::to_value(&list[0]).unwrap();
     assert_eq!(
         json,
         serde_json::json!({
-            "name": "microvm-1.1", "alias": "microvm", "is_default": true,
+            "name": "microvm-1.1", "alias": "microvm", "is-default": true,
             "deprecated": false, "doc": MICROVM.doc
         })
     );

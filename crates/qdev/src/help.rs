@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 
 use crate::device_type::TypeKind;
+use crate::registry::DeviceRegistry;
 use crate::resolve::ResolvedProperties;
 use crate::spec::PropertyDefault;
 
@@ -70,5 +71,50 @@ impl ResolvedProperties {
             }
         }
         out
+    }
+}
+
+impl DeviceRegistry {
+    /// The listing for `--device help`: every creatable type with its doc line.
+    pub fn render_type_list(&self) -> String {
+        let devices: Vec<_> = self.iter().filter(|t| t.kind == TypeKind::Device).collect();
+        let width = devices.iter().map(|t| t.name.len()).max().unwrap_or(0);
+        let mut out = String::from("Device types:\n");
+        for ty in devices {
+            let _ = write!(out, "  {:<width$}  {}", ty.name, ty.doc);
+            if let Some(parent) = ty.parent {
+                let _ = write!(out, " (a {})", parent.name);
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DeviceRegistry, DeviceType, TypeKind, VIRTIO_DEVICE};
+
+    #[test]
+    fn type_list() {
+        static A: DeviceType = DeviceType {
+            name: "virtio-a",
+            parent: Some(&VIRTIO_DEVICE),
+            kind: TypeKind::Device,
+            doc: "First",
+            properties: &[],
+        };
+        static LONGER: DeviceType = DeviceType {
+            name: "serial-longer",
+            parent: None,
+            kind: TypeKind::Device,
+            doc: "Second",
+            properties: &[],
+        };
+        let registry = DeviceRegistry::with_types([&A, &LONGER]).unwrap();
+        assert_eq!(
+            registry.render_type_list(),
+            "Device types:\n  serial-longer  Second\n  virtio-a       First (a virtio-device)\n"
+        );
     }
 }
