@@ -66,6 +66,7 @@ mod cli;
 mod device_type;
 mod error;
 mod help;
+mod migratable;
 mod registry;
 mod resolve;
 mod spec;
@@ -75,6 +76,10 @@ pub use access::{FromPropertyValue, PropertyAccessError};
 pub use cli::{DeviceSpec, GlobalProperty};
 pub use device_type::{DeviceType, SchemaError, TypeKind, VIRTIO_DEVICE};
 pub use error::{DeviceLabel, InvalidValue, PropertyError, UnknownProperty};
+pub use migratable::{
+    BackendHandoff, BackendTransfer, DeviceMigrationError, EarlyOutcome, EarlySetup, HandoffFd,
+    Hook, Migratable, ReceivedBackend,
+};
 pub use registry::DeviceRegistry;
 pub use resolve::{
     CompatSetting, PropertyResolver, Provenance, ResolvedProperties, ResolvedProperty,
