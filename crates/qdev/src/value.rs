@@ -164,6 +164,12 @@ pub enum ParseValueError {
     /// Not six colon-separated hex octets.
     #[error("expected a MAC address such as 52:54:00:12:34:56")]
     NotAMac,
+    /// A typed value (a schema default) of another kind than the property's.
+    #[error("expected a value of type {expected}")]
+    WrongKind {
+        /// The property's kind, as `help` writes it.
+        expected: String,
+    },
 }
 
 /// Parses `on/off`, `true/false`, `yes/no` (ASCII case-insensitive).
@@ -353,8 +359,9 @@ impl PropertyKind {
                 }
             }
             (PropertyKind::Mac, PropertyValue::Mac(_)) => Ok(()),
-            // A value of the wrong kind: report what this kind expects.
-            (kind, other) => kind.parse(&other.to_string()).map(|_| ()),
+            (kind, _) => Err(ParseValueError::WrongKind {
+                expected: kind.notation(),
+            }),
         }
     }
 
@@ -474,8 +481,11 @@ mod tests {
             "size 2G is out of range 4K..=1G"
         );
         assert_eq!(
-            PropertyKind::Bool.check(&PropertyValue::Int(1)),
-            Err(ParseValueError::NotABool)
+            PropertyKind::size(0, u64::MAX)
+                .check(&PropertyValue::Int(4096))
+                .unwrap_err()
+                .to_string(),
+            "expected a value of type size"
         );
     }
 
