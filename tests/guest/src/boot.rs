@@ -14,9 +14,12 @@
 //!   function `guest_fault(vector, error, rip, cr2, cs, cpu)` on a per-CPU fault
 //!   stack, which reports and stops.
 //! * Port I/O is not possible at CPL3 on `kvm_pvm` (#GP even with IOPL=3), so
-//!   `int $0x80` is a tiny CPL0 service: write bytes to a port, write a dword to a port,
-//!   halt forever. The console falls back to it when no MMIO console is configured
-//!   (QEMU: COM1 and isa-debug-exit).
+//!   `int $0x81` is a tiny CPL0 service: write bytes to a port, write a dword to a
+//!   port, halt forever. The console falls back to it when no MMIO console is
+//!   configured (QEMU: COM1 and isa-debug-exit). On `kvm_pvm` a software `int n` at
+//!   CPL3 raises #UD instead of going through the gate, and `syscall` stays at CPL3
+//!   (measured), so the #UD stub recognises `int $0x81` (bytes `cd 81` at the faulting
+//!   RIP), steps over it and enters the same service. Under QEMU the gate is used.
 //! * The LAPIC timer (vector 0x20) only counts `TICKS` and EOIs.
 //!
 //! Selectors: 0x08 kernel code, 0x10 kernel data, 0x1b user data, 0x23 user code,
@@ -28,7 +31,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// Highest number of vCPUs the guest supports (stacks and TSS slots are static).
 pub const MAX_CPUS: usize = 4;
 
-/// `int $0x80` services (in RAX).
+/// `int $0x81` services (in RAX).
 const SYS_OUTSB: u64 = 1;
 const SYS_OUTL: u64 = 2;
 const SYS_HALT: u64 = 3;
@@ -63,9 +66,10 @@ pub fn image_end() -> u64 {
 pub fn outsb(port: u16, bytes: &[u8]) {
     // SAFETY: the service only reads `bytes` and writes to the port.
     unsafe {
-        core::arch::asm!("int $0x80", inlateout("rax") SYS_OUTSB => _,
+        core::arch::asm!("int $0x81", inlateout("rax") SYS_OUTSB => _,
             inlateout("rdi") bytes.as_ptr() => _, inlateout("rsi") bytes.len() => _,
-            in("rdx") port as u64, options(att_syntax, nostack, readonly));
+            in("rdx") port as u64,
+            options(att_syntax, nostack, readonly));
     }
 }
 
@@ -73,7 +77,7 @@ pub fn outsb(port: u16, bytes: &[u8]) {
 pub fn outl(port: u16, value: u32) {
     // SAFETY: the service only writes to the port.
     unsafe {
-        core::arch::asm!("int $0x80", inlateout("rax") SYS_OUTL => _,
+        core::arch::asm!("int $0x81", inlateout("rax") SYS_OUTL => _,
             inlateout("rdi") value as u64 => _, in("rdx") port as u64,
             options(att_syntax, nostack, nomem));
     }
@@ -83,7 +87,7 @@ pub fn outl(port: u16, value: u32) {
 pub fn halt_forever() -> ! {
     // SAFETY: the service never returns.
     unsafe {
-        core::arch::asm!("int $0x80", in("rax") SYS_HALT, options(att_syntax, noreturn));
+        core::arch::asm!("int $0x81", in("rax") SYS_HALT, options(att_syntax, noreturn));
     }
 }
 
@@ -198,8 +202,8 @@ build_idt:
     leaq timer_entry(%rip), %r9
     movl $0x8e, %r10d
     call set_gate
-    movl $0x80, %r8d
-    leaq syscall_entry(%rip), %r9
+    movl $0x81, %r8d
+    leaq svc_entry(%rip), %r9
     movl $0xee, %r10d
     call set_gate
     movl $0xff, %r8d
@@ -238,7 +242,17 @@ exc_stubs:
     .endr
 
 exc_common:
-    popq %rdi
+    cmpq $6, (%rsp)
+    jne 1f
+    pushq %rax
+    movq 24(%rsp), %rax
+    cmpw $0x81cd, (%rax)
+    popq %rax
+    jne 1f
+    addq $2, 16(%rsp)
+    addq $16, %rsp
+    jmp svc_entry
+1:  popq %rdi
     popq %rsi
     popq %rdx
     popq %r8
@@ -269,7 +283,7 @@ timer_entry:
 spurious_entry:
     iretq
 
-syscall_entry:
+svc_entry:
     cmpq $1, %rax
     je 1f
     cmpq $2, %rax

@@ -6,7 +6,7 @@
 //!   to the LINE register and the host reads the bytes from guest RAM (the guest's
 //!   memory is identity mapped, so a pointer is a guest-physical address).
 //! * Port I/O (`baton.console=pio:PORT`, default COM1 = 0x3f8, what QEMU's microvm
-//!   has): bytes go out one `outb` each through the CPL0 `int $0x80` service, because
+//!   has): bytes go out one `outb` each through the CPL0 `int $0x81` service, because
 //!   `kvm_pvm` faults port I/O at CPL3. Slow under `kvm_pvm`, fine under QEMU.
 //!
 //! Status device registers (all little-endian, one 4 KiB page):
@@ -123,6 +123,12 @@ macro_rules! say {
         let _ = write!(line, $($arg)*);
         line.send();
     }};
+}
+
+/// Releases the port-I/O console lock: a fault inside a console write would
+/// otherwise leave the fault reporter spinning on it forever.
+pub fn force_unlock() {
+    PIO_LOCK.store(false, Ordering::Release);
 }
 
 /// Tells the host the guest is finished, then stops this vCPU for good.

@@ -109,6 +109,7 @@ pub extern "C" fn guest_fault(vector: u64, error: u64, rip: u64, cr2: u64, cs: u
     if FAULTED.swap(true, Ordering::AcqRel) {
         boot::halt_forever();
     }
+    console::force_unlock();
     say!(
         "fault cpu={} vector={} error=0x{:x} rip=0x{:x} cr2=0x{:x} cpl={}",
         cpu,

@@ -1,0 +1,60 @@
+//! The MMIO bus: which device answers a guest-physical address outside RAM.
+//!
+//! Kept minimal (a sorted list of ranges) because the harness machine has few devices;
+//! virtio-mmio transports register here in later work.
+
+use std::sync::Arc;
+
+/// A device reachable by MMIO. Offsets are relative to the device's base address.
+pub trait MmioDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+/// Address ranges to devices.
+#[derive(Default, Clone)]
+pub struct MmioBus {
+    ranges: Vec<(u64, u64, Arc<dyn MmioDevice>)>,
+}
+
+impl MmioBus {
+    /// Adds a device at `[base, base + size)`; fails on overlap.
+    pub fn insert(&mut self, base: u64, size: u64, dev: Arc<dyn MmioDevice>) -> Result<(), String> {
+        let end = base.checked_add(size).ok_or_else(|| format!("MMIO range {base:#x}+{size:#x} overflows"))?;
+        if let Some((b, s, _)) = self.ranges.iter().find(|(b, s, _)| base < b + s && *b < end) {
+            return Err(format!("MMIO range {base:#x}+{size:#x} overlaps {b:#x}+{s:#x}"));
+        }
+        self.ranges.push((base, size, dev));
+        self.ranges.sort_by_key(|r| r.0);
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<(&Arc<dyn MmioDevice>, u64)> {
+        self.ranges.iter().find(|(b, s, _)| addr >= *b && addr - b < *s).map(|(b, _, d)| (d, addr - b))
+    }
+
+    /// Dispatches a read; unclaimed addresses read as all ones (like a PC bus).
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some((dev, off)) => {
+                dev.read(off, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                false
+            }
+        }
+    }
+
+    /// Dispatches a write; unclaimed addresses ignore it.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((dev, off)) => {
+                dev.write(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The VM: KVM objects, memfd RAM, the boot, the devices and the vCPU threads, with
+//! the controls a migration engine needs (pause/resume, vCPU and VM state, the RAM
+//! memfd).
+//!
+//! Built in [`Vm::new`] (nothing runs yet: the image is loaded and every vCPU holds
+//! its PVH entry state), started with [`Vm::start`], ended with [`Vm::stop`] or by
+//! dropping it. Dropping KVM's VM takes ~15-25 ms on `kvm_pvm`, so keep it off any
+//! downtime path (stop the threads first; drop later).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::boot::{self, BootEntry};
+use crate::error::{kvm_err, Error, Result};
+use crate::memory::GuestRam;
+use crate::mmio::MmioBus;
+use crate::state::{self, VcpuState, VmState};
+use crate::status::{GuestExit, GuestStatus, StatusDevice, STATUS_BASE, STATUS_SIZE};
+use crate::vcpu::{self, Control, ExitHandlers, RunState, VcpuThread};
+
+/// Highest vCPU count (the harness guest has static per-CPU stacks for 4).
+pub const MAX_CPUS: usize = 4;
+/// How long pause/stop wait for the vCPU threads.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+const TSS_ADDR: u64 = 0xfffb_d000;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub cpus: usize,
+    /// An ELF with a PVH entry note.
+    pub kernel: PathBuf,
+    /// Appended after baton-vmm's own `baton.console=mmio:...`, so it can override it.
+    pub cmdline: String,
+    /// Print guest status lines on stdout.
+    pub echo: bool,
+}
+
+/// Durations of the bring-up steps.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BootTimings {
+    pub create_vm: Duration,
+    pub memory: Duration,
+    pub load_kernel: Duration,
+    pub vcpus: Duration,
+}
+
+/// A KVM virtual machine running a PVH guest.
+pub struct Vm {
+    kvm: Kvm,
+    vm: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    threads: Vec<VcpuThread>,
+    ctl: Arc<Control>,
+    handlers: ExitHandlers,
+    msr_indices: Vec<u32>,
+    boot: BootEntry,
+    cmdline: String,
+    timings: BootTimings,
+}
+
+impl Vm {
+    /// Creates the VM, its RAM and vCPUs, and loads the kernel. Nothing runs yet.
+    pub fn new(cfg: &VmConfig) -> Result<Vm> {
+        if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
+            return Err(Error::Config(format!("--cpus must be 1..={MAX_CPUS}, not {}", cfg.cpus)));
+        }
+        let t = Instant::now();
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let mut timings = BootTimings { create_vm: t.elapsed(), ..Default::default() };
+
+        let t = Instant::now();
+        let ram = GuestRam::new(cfg.memory)?;
+        for (slot, r) in ram.regions().iter().enumerate() {
+            let host = ram.host_addr(slot).ok_or_else(|| Error::Memory(format!("region {r:?} is not mapped")))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.guest_addr,
+                memory_size: r.size,
+                userspace_addr: host,
+            };
+            // SAFETY: the mapping behind `host` lives in `ram`, which the Vm owns and
+            // drops after `vm` (field order), so KVM never sees a dangling mapping.
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err(format!("memory slot {slot} {r:?}")))?;
+        }
+        timings.memory = t.elapsed();
+
+        let t = Instant::now();
+        let cmdline = format!("baton.console=mmio:{STATUS_BASE:#x} {}", cfg.cmdline).trim().to_string();
+        let boot = boot::load_pvh(&ram, &cfg.kernel, &cmdline)?;
+        timings.load_kernel = t.elapsed();
+        tracing::debug!(?boot, %cmdline, "kernel loaded");
+
+        let t = Instant::now();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(cfg.cpus);
+        for index in 0..cfg.cpus {
+            let fd = vm.create_vcpu(index as u64).map_err(|source| Error::Vcpu { index, what: "create", source })?;
+            setup_vcpu(index, &fd, &cpuid, &boot)?;
+            vcpus.push(fd);
+        }
+        let msr_indices = state::readable_msrs(&kvm, &vcpus[0])?;
+        timings.vcpus = t.elapsed();
+
+        let status = Arc::new(GuestStatus::new(cfg.echo));
+        let status_dev = Arc::new(StatusDevice::new(ram.memory().clone(), status.clone()));
+        let mut bus = MmioBus::default();
+        bus.insert(STATUS_BASE, STATUS_SIZE, status_dev.clone()).map_err(Error::Config)?;
+        let handlers = ExitHandlers { bus: Arc::new(bus), status_dev, status };
+        Ok(Vm {
+            kvm,
+            vm,
+            ram,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            threads: Vec::new(),
+            ctl: Control::new(RunState::Running),
+            handlers,
+            msr_indices,
+            boot,
+            cmdline,
+            timings,
+        })
+    }
+
+    /// Starts one thread per vCPU (in the running state unless paused before).
+    pub fn start(&mut self) -> Result<()> {
+        if !self.threads.is_empty() {
+            return Err(Error::Config("the VM is already started".into()));
+        }
+        for (index, fd) in self.vcpus.iter().enumerate() {
+            let t = vcpu::spawn(index, fd.clone(), self.ctl.clone(), self.handlers.clone())?;
+            self.threads.push(t);
+        }
+        Ok(())
+    }
+
+    /// Takes every vCPU out of the guest; returns once all are parked.
+    pub fn pause(&self) -> Result<()> {
+        vcpu::transition(&self.ctl, &self.threads, RunState::Paused, PAUSE_TIMEOUT)
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) -> Result<()> {
+        vcpu::transition(&self.ctl, &self.threads, RunState::Running, PAUSE_TIMEOUT)
+    }
+
+    /// Whether the vCPUs are (asked to be) paused.
+    pub fn is_paused(&self) -> bool {
+        self.ctl.want() == RunState::Paused
+    }
+
+    /// Ends the vCPU threads (the VM can no longer run). Idempotent.
+    pub fn stop(&mut self) -> Result<()> {
+        let r = vcpu::transition(&self.ctl, &self.threads, RunState::Stopping, PAUSE_TIMEOUT);
+        for t in self.threads.drain(..) {
+            if t.handle.is_finished() {
+                let _ = t.handle.join();
+            }
+        }
+        r
+    }
+
+    fn paused_vcpu(&self, index: usize, what: &'static str) -> Result<std::sync::MutexGuard<'_, VcpuFd>> {
+        if !self.threads.is_empty() && self.ctl.want() == RunState::Running {
+            return Err(Error::NotPaused(what));
+        }
+        let fd = self.vcpus.get(index).ok_or(Error::NoSuchVcpu(index))?;
+        Ok(fd.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The state of vCPU `index` (the VM must be paused, stopped or not started).
+    pub fn vcpu_state(&self, index: usize) -> Result<VcpuState> {
+        let fd = self.paused_vcpu(index, "reading vCPU state")?;
+        state::get_vcpu_state(index, &fd, &self.msr_indices)
+    }
+
+    /// Replaces the state of vCPU `index` (same conditions as [`Self::vcpu_state`]).
+    pub fn set_vcpu_state(&self, index: usize, s: &VcpuState) -> Result<()> {
+        let fd = self.paused_vcpu(index, "writing vCPU state")?;
+        state::set_vcpu_state(index, &fd, s)
+    }
+
+    /// The in-kernel irqchip and clock state.
+    pub fn vm_state(&self) -> Result<VmState> {
+        state::get_vm_state(&self.vm)
+    }
+
+    /// Restores the in-kernel irqchip and clock state.
+    pub fn set_vm_state(&self, s: &VmState) -> Result<()> {
+        state::set_vm_state(&self.vm, s)
+    }
+
+    /// Guest RAM (its memfd and layout).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// What the guest reported.
+    pub fn status(&self) -> &Arc<GuestStatus> {
+        &self.handlers.status
+    }
+
+    /// Waits for the guest to end (EXIT or a fatal vCPU exit).
+    pub fn wait_exit(&self, timeout: Duration) -> Option<GuestExit> {
+        self.status().wait_until(timeout, |s| s.exit.is_some()).0.exit
+    }
+
+    pub fn cpus(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The VM file descriptor (memory slots, dirty log, irqfd...).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    pub fn boot_entry(&self) -> BootEntry {
+        self.boot
+    }
+
+    /// The command line the guest got.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    pub fn timings(&self) -> BootTimings {
+        self.timings
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!("stopping vCPUs: {e}");
+        }
+    }
+}
+
+/// CPUID (once: `kvm_pvm` ignores later calls), then the PVH entry state.
+fn setup_vcpu(index: usize, fd: &VcpuFd, supported: &CpuId, boot: &BootEntry) -> Result<()> {
+    let e = |what| move |source| Error::Vcpu { index, what, source };
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            // Initial APIC ID in EBX[31:24].
+            1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | ((index as u32) << 24),
+            // x2APIC ID of the topology leaves.
+            0xb | 0x1f => entry.edx = index as u32,
+            _ => {}
+        }
+    }
+    fd.set_cpuid2(&cpuid).map_err(e("set CPUID"))?;
+    let sregs = fd.get_sregs().map_err(e("get sregs"))?;
+    fd.set_sregs(&boot::entry_sregs(sregs)).map_err(e("set sregs"))?;
+    fd.set_regs(&boot::entry_regs(boot)).map_err(e("set regs"))?;
+    let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    fd.set_fpu(&fpu).map_err(e("set FPU"))?;
+    if index > 0 {
+        // An AP would wait for INIT/SIPI; baton starts it at the PVH entry directly.
+        let mp = kvm_bindings::kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
+        fd.set_mp_state(mp).map_err(e("set MP state"))?;
+    }
+    Ok(())
+}
