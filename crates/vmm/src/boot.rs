@@ -46,18 +46,29 @@ pub struct BootEntry {
 
 /// Loads `kernel` (an ELF with a PVH note) and writes the PVH boot structures.
 pub fn load_pvh(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<BootEntry> {
-    let load_err = |reason: String| Error::KernelLoad { path: kernel.to_path_buf(), reason };
-    let mut file =
-        File::open(kernel).map_err(|source| Error::KernelFile { path: kernel.to_path_buf(), source })?;
-    let loaded = Elf::load(ram.memory(), None, &mut file, Some(GuestAddress(KERNEL_MIN_ADDR)))
-        .map_err(|e| load_err(e.to_string()))?;
+    let load_err = |reason: String| Error::KernelLoad {
+        path: kernel.to_path_buf(),
+        reason,
+    };
+    let mut file = File::open(kernel).map_err(|source| Error::KernelFile {
+        path: kernel.to_path_buf(),
+        source,
+    })?;
+    let loaded = Elf::load(
+        ram.memory(),
+        None,
+        &mut file,
+        Some(GuestAddress(KERNEL_MIN_ADDR)),
+    )
+    .map_err(|e| load_err(e.to_string()))?;
     let entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => addr.0,
         other => return Err(load_err(format!("not a PVH kernel ({other})"))),
     };
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| load_err(format!("command line: {e}")))?;
-    cl.insert_str(cmdline).map_err(|e| load_err(format!("command line {cmdline:?}: {e}")))?;
+    cl.insert_str(cmdline)
+        .map_err(|e| load_err(format!("command line {cmdline:?}: {e}")))?;
     load_cmdline(ram.memory(), GuestAddress(CMDLINE_ADDR), &cl)
         .map_err(|e| load_err(format!("writing the command line: {e}")))?;
 
@@ -74,13 +85,25 @@ pub fn load_pvh(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<BootEntr
     params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(MEMMAP_ADDR));
     PvhBootConfigurator::write_bootparams(&params, ram.memory())
         .map_err(|e| load_err(format!("writing the PVH start info: {e}")))?;
-    Ok(BootEntry { entry, start_info: START_INFO_ADDR, kernel_end: loaded.kernel_end })
+    Ok(BootEntry {
+        entry,
+        start_info: START_INFO_ADDR,
+        kernel_end: loaded.kernel_end,
+    })
 }
 
 /// The PVH memory map: low RAM below the EBDA, RAM from 1 MiB, RAM above 4 GiB.
 fn memory_map(ram: &GuestRam) -> Vec<hvm_memmap_table_entry> {
-    let e = |addr, size, type_| hvm_memmap_table_entry { addr, size, type_, reserved: 0 };
-    let mut map = vec![e(0, EBDA_START, E820_RAM), e(EBDA_START, KERNEL_MIN_ADDR - EBDA_START, E820_RESERVED)];
+    let e = |addr, size, type_| hvm_memmap_table_entry {
+        addr,
+        size,
+        type_,
+        reserved: 0,
+    };
+    let mut map = vec![
+        e(0, EBDA_START, E820_RAM),
+        e(EBDA_START, KERNEL_MIN_ADDR - EBDA_START, E820_RESERVED),
+    ];
     for r in ram.regions() {
         let start = r.guest_addr.max(KERNEL_MIN_ADDR);
         let end = r.guest_addr + r.size;
@@ -93,7 +116,12 @@ fn memory_map(ram: &GuestRam) -> Vec<hvm_memmap_table_entry> {
 
 /// General registers at the PVH entry.
 pub fn entry_regs(boot: &BootEntry) -> kvm_regs {
-    kvm_regs { rip: boot.entry, rbx: boot.start_info, rflags: 0x2, ..Default::default() }
+    kvm_regs {
+        rip: boot.entry,
+        rbx: boot.start_info,
+        rflags: 0x2,
+        ..Default::default()
+    }
 }
 
 /// Segment and control registers at the PVH entry: 32-bit protected mode, flat
@@ -122,7 +150,15 @@ pub fn entry_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = kvm_segment { limit: 0x67, type_: 0xb, present: 1, s: 0, g: 0, db: 0, ..seg(0x18, 0xb) };
+    sregs.tr = kvm_segment {
+        limit: 0x67,
+        type_: 0xb,
+        present: 1,
+        s: 0,
+        g: 0,
+        db: 0,
+        ..seg(0x18, 0xb)
+    };
     sregs.cr0 = 0x11; // PE | ET
     sregs.cr3 = 0;
     sregs.cr4 = 0;

@@ -48,5 +48,6 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         None => num.parse(),
     }
     .map_err(|e| format!("bad size {s:?}: {e}"))?;
-    v.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} overflows"))
+    v.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} overflows"))
 }

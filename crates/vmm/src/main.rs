@@ -12,7 +12,11 @@ use baton_vmm::{parse_size, GuestExit, Vm, VmConfig};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "baton-vmm", version, about = "baton's reference VMM (KVM bring-up)")]
+#[command(
+    name = "baton-vmm",
+    version,
+    about = "baton's reference VMM (KVM bring-up)"
+)]
 struct Args {
     /// ELF kernel with a PVH entry note (e.g. target/guest/baton-guest.elf).
     #[arg(long)]
@@ -46,7 +50,10 @@ extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
 fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
-    tracing_subscriber::fmt().with_max_level(args.log_level).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_max_level(args.log_level)
+        .with_writer(std::io::stderr)
+        .init();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
             tracing::warn!("cannot handle signal {sig}: {e}");
@@ -82,7 +89,10 @@ fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
     let status = vm.status().clone();
     let (_, hello) = status.wait_until(Duration::from_secs(10), |s| !s.last.is_empty());
     if hello {
-        tracing::info!("first status line {:?} after process start", started.elapsed());
+        tracing::info!(
+            "first status line {:?} after process start",
+            started.elapsed()
+        );
     }
     let deadline = (args.timeout > 0).then(|| Instant::now() + Duration::from_secs(args.timeout));
     let exit = loop {

@@ -39,9 +39,17 @@ pub struct GuestRam {
 /// The layout for `size` bytes of RAM.
 pub fn layout(size: u64) -> Vec<RamRegion> {
     let low = size.min(MMIO_HOLE_START);
-    let mut regions = vec![RamRegion { guest_addr: 0, size: low, file_offset: 0 }];
+    let mut regions = vec![RamRegion {
+        guest_addr: 0,
+        size: low,
+        file_offset: 0,
+    }];
     if size > low {
-        regions.push(RamRegion { guest_addr: HIGH_RAM_START, size: size - low, file_offset: low });
+        regions.push(RamRegion {
+            guest_addr: HIGH_RAM_START,
+            size: size - low,
+            file_offset: low,
+        });
     }
     regions
 }
@@ -50,18 +58,24 @@ impl GuestRam {
     /// Creates a zeroed memfd of `size` bytes and maps it.
     pub fn new(size: u64) -> Result<Self> {
         if size == 0 || size % 4096 != 0 {
-            return Err(Error::Config(format!("memory size {size:#x} must be a non-zero multiple of 4 KiB")));
+            return Err(Error::Config(format!(
+                "memory size {size:#x} must be a non-zero multiple of 4 KiB"
+            )));
         }
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
         let fd = unsafe { libc::memfd_create(c"baton-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
-            return Err(Error::Io { what: "memfd_create".into(), source: std::io::Error::last_os_error() });
+            return Err(Error::Io {
+                what: "memfd_create".into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
         let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd
-            .set_len(size)
-            .map_err(|source| Error::Io { what: format!("sizing the RAM memfd to {size:#x}"), source })?;
+        memfd.set_len(size).map_err(|source| Error::Io {
+            what: format!("sizing the RAM memfd to {size:#x}"),
+            source,
+        })?;
         Self::from_memfd(memfd, size)
     }
 
@@ -70,26 +84,40 @@ impl GuestRam {
     pub fn from_memfd(memfd: File, size: u64) -> Result<Self> {
         let file_len = memfd
             .metadata()
-            .map_err(|source| Error::Io { what: "inspecting the RAM memfd".into(), source })?
+            .map_err(|source| Error::Io {
+                what: "inspecting the RAM memfd".into(),
+                source,
+            })?
             .len();
         if file_len < size {
-            return Err(Error::Memory(format!("memfd holds {file_len:#x} bytes, layout needs {size:#x}")));
+            return Err(Error::Memory(format!(
+                "memfd holds {file_len:#x} bytes, layout needs {size:#x}"
+            )));
         }
         let regions = layout(size);
         let mut mapped = Vec::with_capacity(regions.len());
         for r in &regions {
-            let dup = memfd
-                .try_clone()
-                .map_err(|source| Error::Io { what: "duplicating the RAM memfd".into(), source })?;
-            let len = usize::try_from(r.size).map_err(|_| Error::Memory(format!("region {r:?} too large")))?;
+            let dup = memfd.try_clone().map_err(|source| Error::Io {
+                what: "duplicating the RAM memfd".into(),
+                source,
+            })?;
+            let len = usize::try_from(r.size)
+                .map_err(|_| Error::Memory(format!("region {r:?} too large")))?;
             let mmap = MmapRegion::from_file(FileOffset::new(dup, r.file_offset), len)
                 .map_err(|e| Error::Memory(format!("mapping {r:?}: {e}")))?;
-            let region = GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr))
-                .ok_or_else(|| Error::Memory(format!("region {r:?} overflows the address space")))?;
+            let region =
+                GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                    Error::Memory(format!("region {r:?} overflows the address space"))
+                })?;
             mapped.push(region);
         }
-        let memory = GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))?;
-        Ok(GuestRam { memfd, regions, memory })
+        let memory =
+            GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))?;
+        Ok(GuestRam {
+            memfd,
+            regions,
+            memory,
+        })
     }
 
     /// The memfd holding all of guest RAM (hand it to another process to share RAM).
@@ -121,6 +149,9 @@ impl GuestRam {
     pub(crate) fn host_addr(&self, index: usize) -> Option<u64> {
         use vm_memory::GuestMemoryBackend;
         let r = self.regions.get(index)?;
-        self.memory.get_host_address(GuestAddress(r.guest_addr)).ok().map(|p| p as u64)
+        self.memory
+            .get_host_address(GuestAddress(r.guest_addr))
+            .ok()
+            .map(|p| p as u64)
     }
 }

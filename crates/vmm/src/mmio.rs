@@ -20,9 +20,17 @@ pub struct MmioBus {
 impl MmioBus {
     /// Adds a device at `[base, base + size)`; fails on overlap.
     pub fn insert(&mut self, base: u64, size: u64, dev: Arc<dyn MmioDevice>) -> Result<(), String> {
-        let end = base.checked_add(size).ok_or_else(|| format!("MMIO range {base:#x}+{size:#x} overflows"))?;
-        if let Some((b, s, _)) = self.ranges.iter().find(|(b, s, _)| base < b + s && *b < end) {
-            return Err(format!("MMIO range {base:#x}+{size:#x} overlaps {b:#x}+{s:#x}"));
+        let end = base
+            .checked_add(size)
+            .ok_or_else(|| format!("MMIO range {base:#x}+{size:#x} overflows"))?;
+        if let Some((b, s, _)) = self
+            .ranges
+            .iter()
+            .find(|(b, s, _)| base < b + s && *b < end)
+        {
+            return Err(format!(
+                "MMIO range {base:#x}+{size:#x} overlaps {b:#x}+{s:#x}"
+            ));
         }
         self.ranges.push((base, size, dev));
         self.ranges.sort_by_key(|r| r.0);
@@ -30,7 +38,10 @@ impl MmioBus {
     }
 
     fn find(&self, addr: u64) -> Option<(&Arc<dyn MmioDevice>, u64)> {
-        self.ranges.iter().find(|(b, s, _)| addr >= *b && addr - b < *s).map(|(b, _, d)| (d, addr - b))
+        self.ranges
+            .iter()
+            .find(|(b, s, _)| addr >= *b && addr - b < *s)
+            .map(|(b, _, d)| (d, addr - b))
     }
 
     /// Dispatches a read; unclaimed addresses read as all ones (like a PC bus).

@@ -10,8 +10,9 @@
 //! destination must be created with the same CPUID.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -52,33 +53,54 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-const IRQCHIP_IDS: [u32; 3] = [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC];
+const IRQCHIP_IDS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
 /// KVM's limit on MSRs per KVM_GET/SET_MSRS call.
 const MSR_CHUNK: usize = 256;
 
 fn vcpu_err(index: usize, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Vcpu { index, what, source }
+    move |source| Error::Vcpu {
+        index,
+        what,
+        source,
+    }
 }
 
 fn msrs_of(indices: &[u32]) -> Result<Msrs> {
-    let entries: Vec<kvm_msr_entry> = indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
     Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("building an MSR list: {e:?}")))
 }
 
 /// The MSRs of KVM's index list that this vCPU can actually read (probed once).
 pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
-    let list = kvm.get_msr_index_list().map_err(crate::error::kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(crate::error::kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
     let mut pending: Vec<u32> = list.as_slice().to_vec();
     let mut ok = Vec::with_capacity(pending.len());
     while !pending.is_empty() {
         let take = pending.len().min(MSR_CHUNK);
         let mut msrs = msrs_of(&pending[..take])?;
-        let n = vcpu.get_msrs(&mut msrs).map_err(vcpu_err(0, "probing MSRs"))?;
+        let n = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(vcpu_err(0, "probing MSRs"))?;
         ok.extend_from_slice(&pending[..n]);
         // KVM stops at the first MSR it cannot read: skip it and go on.
         let skip = if n < take { n + 1 } else { n };
         if n < take {
-            tracing::debug!(msr = format_args!("{:#x}", pending[n]), "MSR not readable, not migrated");
+            tracing::debug!(
+                msr = format_args!("{:#x}", pending[n]),
+                "MSR not readable, not migrated"
+            );
         }
         pending.drain(..skip);
     }
@@ -93,7 +115,10 @@ pub fn get_vcpu_state(index: usize, vcpu: &VcpuFd, msr_indices: &[u32]) -> Resul
         let mut m = msrs_of(chunk)?;
         let n = vcpu.get_msrs(&mut m).map_err(e("get MSRs"))?;
         if n != chunk.len() {
-            return Err(Error::Config(format!("vCPU {index}: read {n} of {} MSRs", chunk.len())));
+            return Err(Error::Config(format!(
+                "vCPU {index}: read {n} of {} MSRs",
+                chunk.len()
+            )));
         }
         msrs.extend_from_slice(m.as_slice());
     }
@@ -119,40 +144,63 @@ pub fn set_vcpu_state(index: usize, vcpu: &VcpuFd, s: &VcpuState) -> Result<()> 
     vcpu.set_fpu(&s.fpu).map_err(e("set FPU"))?;
     // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy layout that KVM_GET_XSAVE fills;
     // KVM_SET_XSAVE reads exactly that much.
-    let xsave = kvm_xsave { region: *s.xsave, ..Default::default() };
+    let xsave = kvm_xsave {
+        region: *s.xsave,
+        ..Default::default()
+    };
     // SAFETY: as above; `extra` is empty.
     unsafe { vcpu.set_xsave(&xsave) }.map_err(e("set xsave"))?;
     vcpu.set_xcrs(&s.xcrs).map_err(e("set XCRs"))?;
     vcpu.set_lapic(&s.lapic).map_err(e("set LAPIC"))?;
     for chunk in s.msrs.chunks(MSR_CHUNK) {
-        let m = Msrs::from_entries(chunk).map_err(|err| Error::Config(format!("MSR list: {err:?}")))?;
+        let m =
+            Msrs::from_entries(chunk).map_err(|err| Error::Config(format!("MSR list: {err:?}")))?;
         let n = vcpu.set_msrs(&m).map_err(e("set MSRs"))?;
         if n != chunk.len() {
             let bad = chunk.get(n).map(|m| m.index).unwrap_or(0);
-            return Err(Error::Config(format!("vCPU {index}: KVM refused MSR {bad:#x} ({n} of {} set)", chunk.len())));
+            return Err(Error::Config(format!(
+                "vCPU {index}: KVM refused MSR {bad:#x} ({n} of {} set)",
+                chunk.len()
+            )));
         }
     }
-    vcpu.set_vcpu_events(&s.events).map_err(e("set vCPU events"))?;
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(e("set vCPU events"))?;
     Ok(())
 }
 
 /// Reads the VM-wide state.
 pub fn get_vm_state(vm: &VmFd) -> Result<VmState> {
-    let mut irqchips = IRQCHIP_IDS.map(|chip_id| kvm_irqchip { chip_id, ..Default::default() });
+    let mut irqchips = IRQCHIP_IDS.map(|chip_id| kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    });
     for chip in &mut irqchips {
-        vm.get_irqchip(chip).map_err(crate::error::kvm_err(format!("KVM_GET_IRQCHIP {}", chip.chip_id)))?;
+        vm.get_irqchip(chip).map_err(crate::error::kvm_err(format!(
+            "KVM_GET_IRQCHIP {}",
+            chip.chip_id
+        )))?;
     }
-    let clock = vm.get_clock().map_err(crate::error::kvm_err("KVM_GET_CLOCK"))?;
+    let clock = vm
+        .get_clock()
+        .map_err(crate::error::kvm_err("KVM_GET_CLOCK"))?;
     Ok(VmState { irqchips, clock })
 }
 
 /// Writes the VM-wide state.
 pub fn set_vm_state(vm: &VmFd, s: &VmState) -> Result<()> {
     for chip in &s.irqchips {
-        vm.set_irqchip(chip).map_err(crate::error::kvm_err(format!("KVM_SET_IRQCHIP {}", chip.chip_id)))?;
+        vm.set_irqchip(chip).map_err(crate::error::kvm_err(format!(
+            "KVM_SET_IRQCHIP {}",
+            chip.chip_id
+        )))?;
     }
     // Only the clock value is restored; the flags/TSC fields describe the source host.
-    let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
-    vm.set_clock(&clock).map_err(crate::error::kvm_err("KVM_SET_CLOCK"))?;
+    let clock = kvm_clock_data {
+        clock: s.clock.clock,
+        ..Default::default()
+    };
+    vm.set_clock(&clock)
+        .map_err(crate::error::kvm_err("KVM_SET_CLOCK"))?;
     Ok(())
 }

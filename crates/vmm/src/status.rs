@@ -74,7 +74,9 @@ impl StatusLine {
         let mut fields = BTreeMap::new();
         loop {
             rest = rest.trim_start();
-            let Some((key, after)) = rest.split_once('=') else { break };
+            let Some((key, after)) = rest.split_once('=') else {
+                break;
+            };
             let (value, next) = match after.strip_prefix('"') {
                 Some(q) => q.split_once('"').unwrap_or((q, "")),
                 None => after.split_once(' ').unwrap_or((after, "")),
@@ -82,7 +84,10 @@ impl StatusLine {
             fields.insert(key.to_string(), value.to_string());
             rest = next;
         }
-        Some(StatusLine { kind: kind.to_string(), fields })
+        Some(StatusLine {
+            kind: kind.to_string(),
+            fields,
+        })
     }
 
     /// A numeric field (decimal or 0x-hex).
@@ -130,7 +135,10 @@ pub struct GuestStatus {
 impl GuestStatus {
     /// `echo` prints every guest line on stdout as it arrives.
     pub fn new(echo: bool) -> Self {
-        GuestStatus { echo, ..Default::default() }
+        GuestStatus {
+            echo,
+            ..Default::default()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, StatusState> {
@@ -144,7 +152,11 @@ impl GuestStatus {
 
     /// Waits until `pred` holds or the guest exits or `timeout` passes; returns the state
     /// at that moment and whether `pred` held.
-    pub fn wait_until(&self, timeout: Duration, mut pred: impl FnMut(&StatusState) -> bool) -> (StatusState, bool) {
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&StatusState) -> bool,
+    ) -> (StatusState, bool) {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
@@ -155,7 +167,11 @@ impl GuestStatus {
             if st.exit.is_some() || left.is_zero() {
                 return (st.clone(), false);
             }
-            st = self.cv.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -225,7 +241,11 @@ pub struct StatusDevice {
 
 impl StatusDevice {
     pub fn new(memory: GuestMemoryMmap, status: std::sync::Arc<GuestStatus>) -> Self {
-        StatusDevice { memory, status, partial: Mutex::new(Vec::new()) }
+        StatusDevice {
+            memory,
+            status,
+            partial: Mutex::new(Vec::new()),
+        }
     }
 
     /// One byte of a line (CHAR register or COM1).
@@ -282,7 +302,10 @@ impl MmioDevice for StatusDevice {
             REG_CHAR => self.put_byte(v as u8),
             REG_LINE if data.len() == 8 => self.line_at(v),
             REG_EXIT => self.exit(v as u32),
-            _ => tracing::warn!("status device: write of {} bytes at unknown offset {offset:#x}", data.len()),
+            _ => tracing::warn!(
+                "status device: write of {} bytes at unknown offset {offset:#x}",
+                data.len()
+            ),
         }
     }
 }

@@ -51,7 +51,14 @@ pub(crate) struct Control {
 
 impl Control {
     pub(crate) fn new(want: RunState) -> Arc<Self> {
-        Arc::new(Control { state: Mutex::new(CtlState { want, parked: 0, alive: 0 }), cv: Condvar::new() })
+        Arc::new(Control {
+            state: Mutex::new(CtlState {
+                want,
+                parked: 0,
+                alive: 0,
+            }),
+            cv: Condvar::new(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, CtlState> {
@@ -115,7 +122,10 @@ pub(crate) fn spawn(
         })
         .map_err(|e| {
             ctl.lock().alive -= 1;
-            Error::VcpuThread { index, reason: e.to_string() }
+            Error::VcpuThread {
+                index,
+                reason: e.to_string(),
+            }
         })?;
     Ok(VcpuThread { handle })
 }
@@ -148,13 +158,21 @@ fn run_loop(index: usize, fd: &Mutex<VcpuFd>, ctl: &Control, h: &ExitHandlers) {
         let fatal = match vcpu.run() {
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if !h.bus.write(addr, data) {
-                    tracing::warn!(vcpu = index, "MMIO write to unclaimed {addr:#x} ({} bytes)", data.len());
+                    tracing::warn!(
+                        vcpu = index,
+                        "MMIO write to unclaimed {addr:#x} ({} bytes)",
+                        data.len()
+                    );
                 }
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !h.bus.read(addr, data) {
-                    tracing::warn!(vcpu = index, "MMIO read from unclaimed {addr:#x} ({} bytes)", data.len());
+                    tracing::warn!(
+                        vcpu = index,
+                        "MMIO read from unclaimed {addr:#x} ({} bytes)",
+                        data.len()
+                    );
                 }
                 None
             }
@@ -181,12 +199,19 @@ fn run_loop(index: usize, fd: &Mutex<VcpuFd>, ctl: &Control, h: &ExitHandlers) {
                 vcpu: index,
                 reason: format!("KVM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
             }),
-            Ok(VcpuExit::InternalError) => {
-                Some(GuestExit::Error { vcpu: index, reason: "KVM internal error".into() })
-            }
-            Ok(other) => Some(GuestExit::Error { vcpu: index, reason: format!("unhandled exit {other:?}") }),
+            Ok(VcpuExit::InternalError) => Some(GuestExit::Error {
+                vcpu: index,
+                reason: "KVM internal error".into(),
+            }),
+            Ok(other) => Some(GuestExit::Error {
+                vcpu: index,
+                reason: format!("unhandled exit {other:?}"),
+            }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(GuestExit::Error { vcpu: index, reason: format!("KVM_RUN: {e}") }),
+            Err(e) => Some(GuestExit::Error {
+                vcpu: index,
+                reason: format!("KVM_RUN: {e}"),
+            }),
         };
         drop(vcpu);
         if let Some(exit) = fatal {
@@ -200,7 +225,12 @@ fn run_loop(index: usize, fd: &Mutex<VcpuFd>, ctl: &Control, h: &ExitHandlers) {
 }
 
 /// Sets the wanted state and, unless running, kicks the threads until all are parked.
-pub(crate) fn transition(ctl: &Control, threads: &[VcpuThread], want: RunState, timeout: Duration) -> Result<()> {
+pub(crate) fn transition(
+    ctl: &Control,
+    threads: &[VcpuThread],
+    want: RunState,
+    timeout: Duration,
+) -> Result<()> {
     {
         let mut st = ctl.lock();
         if st.want == RunState::Stopping && want != RunState::Stopping {
@@ -225,7 +255,11 @@ pub(crate) fn transition(ctl: &Control, threads: &[VcpuThread], want: RunState, 
         if Instant::now() >= deadline {
             return Err(Error::VcpuThread {
                 index: 0,
-                reason: format!("{} of {} vCPU threads did not stop within {timeout:?}", st.alive - st.parked, st.alive),
+                reason: format!(
+                    "{} of {} vCPU threads did not stop within {timeout:?}",
+                    st.alive - st.parked,
+                    st.alive
+                ),
             });
         }
         drop(st);
@@ -236,6 +270,10 @@ pub(crate) fn transition(ctl: &Control, threads: &[VcpuThread], want: RunState, 
             }
         }
         st = ctl.lock();
-        st = ctl.cv.wait_timeout(st, KICK_INTERVAL).unwrap_or_else(|p| p.into_inner()).0;
+        st = ctl
+            .cv
+            .wait_timeout(st, KICK_INTERVAL)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
 }

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{
+    kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::boot::{self, BootEntry};
@@ -70,19 +72,29 @@ impl Vm {
     /// Creates the VM, its RAM and vCPUs, and loads the kernel. Nothing runs yet.
     pub fn new(cfg: &VmConfig) -> Result<Vm> {
         if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
-            return Err(Error::Config(format!("--cpus must be 1..={MAX_CPUS}, not {}", cfg.cpus)));
+            return Err(Error::Config(format!(
+                "--cpus must be 1..={MAX_CPUS}, not {}",
+                cfg.cpus
+            )));
         }
         let t = Instant::now();
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let mut timings = BootTimings { create_vm: t.elapsed(), ..Default::default() };
+        vm.set_tss_address(TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let mut timings = BootTimings {
+            create_vm: t.elapsed(),
+            ..Default::default()
+        };
 
         let t = Instant::now();
         let ram = GuestRam::new(cfg.memory)?;
         for (slot, r) in ram.regions().iter().enumerate() {
-            let host = ram.host_addr(slot).ok_or_else(|| Error::Memory(format!("region {r:?} is not mapped")))?;
+            let host = ram
+                .host_addr(slot)
+                .ok_or_else(|| Error::Memory(format!("region {r:?} is not mapped")))?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -92,21 +104,30 @@ impl Vm {
             };
             // SAFETY: the mapping behind `host` lives in `ram`, which the Vm owns and
             // drops after `vm` (field order), so KVM never sees a dangling mapping.
-            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err(format!("memory slot {slot} {r:?}")))?;
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err(format!("memory slot {slot} {r:?}")))?;
         }
         timings.memory = t.elapsed();
 
         let t = Instant::now();
-        let cmdline = format!("baton.console=mmio:{STATUS_BASE:#x} {}", cfg.cmdline).trim().to_string();
+        let cmdline = format!("baton.console=mmio:{STATUS_BASE:#x} {}", cfg.cmdline)
+            .trim()
+            .to_string();
         let boot = boot::load_pvh(&ram, &cfg.kernel, &cmdline)?;
         timings.load_kernel = t.elapsed();
         tracing::debug!(?boot, %cmdline, "kernel loaded");
 
         let t = Instant::now();
-        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(cfg.cpus);
         for index in 0..cfg.cpus {
-            let fd = vm.create_vcpu(index as u64).map_err(|source| Error::Vcpu { index, what: "create", source })?;
+            let fd = vm.create_vcpu(index as u64).map_err(|source| Error::Vcpu {
+                index,
+                what: "create",
+                source,
+            })?;
             setup_vcpu(index, &fd, &cpuid, &boot)?;
             vcpus.push(fd);
         }
@@ -116,8 +137,13 @@ impl Vm {
         let status = Arc::new(GuestStatus::new(cfg.echo));
         let status_dev = Arc::new(StatusDevice::new(ram.memory().clone(), status.clone()));
         let mut bus = MmioBus::default();
-        bus.insert(STATUS_BASE, STATUS_SIZE, status_dev.clone()).map_err(Error::Config)?;
-        let handlers = ExitHandlers { bus: Arc::new(bus), status_dev, status };
+        bus.insert(STATUS_BASE, STATUS_SIZE, status_dev.clone())
+            .map_err(Error::Config)?;
+        let handlers = ExitHandlers {
+            bus: Arc::new(bus),
+            status_dev,
+            status,
+        };
         Ok(Vm {
             kvm,
             vm,
@@ -171,7 +197,11 @@ impl Vm {
         r
     }
 
-    fn paused_vcpu(&self, index: usize, what: &'static str) -> Result<std::sync::MutexGuard<'_, VcpuFd>> {
+    fn paused_vcpu(
+        &self,
+        index: usize,
+        what: &'static str,
+    ) -> Result<std::sync::MutexGuard<'_, VcpuFd>> {
         if !self.threads.is_empty() && self.ctl.want() == RunState::Running {
             return Err(Error::NotPaused(what));
         }
@@ -213,7 +243,10 @@ impl Vm {
 
     /// Waits for the guest to end (EXIT or a fatal vCPU exit).
     pub fn wait_exit(&self, timeout: Duration) -> Option<GuestExit> {
-        self.status().wait_until(timeout, |s| s.exit.is_some()).0.exit
+        self.status()
+            .wait_until(timeout, |s| s.exit.is_some())
+            .0
+            .exit
     }
 
     pub fn cpus(&self) -> usize {
@@ -253,7 +286,13 @@ impl Drop for Vm {
 
 /// CPUID (once: `kvm_pvm` ignores later calls), then the PVH entry state.
 fn setup_vcpu(index: usize, fd: &VcpuFd, supported: &CpuId, boot: &BootEntry) -> Result<()> {
-    let e = |what| move |source| Error::Vcpu { index, what, source };
+    let e = |what| {
+        move |source| Error::Vcpu {
+            index,
+            what,
+            source,
+        }
+    };
     let mut cpuid = supported.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -266,13 +305,21 @@ fn setup_vcpu(index: usize, fd: &VcpuFd, supported: &CpuId, boot: &BootEntry) ->
     }
     fd.set_cpuid2(&cpuid).map_err(e("set CPUID"))?;
     let sregs = fd.get_sregs().map_err(e("get sregs"))?;
-    fd.set_sregs(&boot::entry_sregs(sregs)).map_err(e("set sregs"))?;
-    fd.set_regs(&boot::entry_regs(boot)).map_err(e("set regs"))?;
-    let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    fd.set_sregs(&boot::entry_sregs(sregs))
+        .map_err(e("set sregs"))?;
+    fd.set_regs(&boot::entry_regs(boot))
+        .map_err(e("set regs"))?;
+    let fpu = kvm_bindings::kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     fd.set_fpu(&fpu).map_err(e("set FPU"))?;
     if index > 0 {
         // An AP would wait for INIT/SIPI; baton starts it at the PVH entry directly.
-        let mp = kvm_bindings::kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
+        let mp = kvm_bindings::kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        };
         fd.set_mp_state(mp).map_err(e("set MP state"))?;
     }
     Ok(())

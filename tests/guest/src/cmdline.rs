@@ -87,7 +87,10 @@ pub fn parse(line: &'static [u8]) -> Config {
         let ok = match key {
             b"baton.console" => parse_console(val).map(|c| cfg.console = c),
             b"baton.exit" => match parse_console(val) {
-                Some(Console::Pio(p)) => Some(cfg.exit_port = Some(p)),
+                Some(Console::Pio(p)) => {
+                    cfg.exit_port = Some(p);
+                    Some(())
+                }
                 _ => None,
             },
             b"baton.region" => memparse(val)

@@ -43,8 +43,8 @@ pub extern "C" fn guest_main(start_info: u64, cpu: u64) -> ! {
         core::hint::spin_loop();
     }
     // SAFETY: written once by vCPU 0 before READY was set (Release), read-only after.
-    let (cfg, memmap) = unsafe { (&*&raw const CONFIG, MEMMAP) };
-    workload::run(cpu as usize, cfg, memmap)
+    let (cfg, memmap) = unsafe { (CONFIG, MEMMAP) };
+    workload::run(cpu as usize, &cfg, memmap)
 }
 
 fn boot_cpu(start_info: u64) {
