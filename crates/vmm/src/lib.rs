@@ -51,3 +51,16 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     v.checked_mul(1 << shift)
         .ok_or_else(|| format!("size {s:?} overflows"))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("256M"), Ok(256 << 20));
+        assert_eq!(super::parse_size("1g"), Ok(1 << 30));
+        assert_eq!(super::parse_size("0x1000"), Ok(4096));
+        assert_eq!(super::parse_size("12"), Ok(12));
+        assert!(super::parse_size("M").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
+    }
+}

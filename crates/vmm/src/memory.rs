@@ -155,3 +155,56 @@ impl GuestRam {
             .map(|p| p as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn layout_splits_around_the_hole() {
+        assert_eq!(
+            layout(1 << 30),
+            vec![RamRegion {
+                guest_addr: 0,
+                size: 1 << 30,
+                file_offset: 0
+            }]
+        );
+        let r = layout(4 << 30);
+        assert_eq!(
+            r[0],
+            RamRegion {
+                guest_addr: 0,
+                size: MMIO_HOLE_START,
+                file_offset: 0
+            }
+        );
+        assert_eq!(
+            r[1],
+            RamRegion {
+                guest_addr: HIGH_RAM_START,
+                size: (4 << 30) - MMIO_HOLE_START,
+                file_offset: MMIO_HOLE_START
+            }
+        );
+    }
+
+    #[test]
+    fn a_second_mapping_of_the_memfd_sees_the_same_ram() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        ram.memory()
+            .write_obj(0xabcd_u32, GuestAddress(0x1000))
+            .unwrap();
+        let other = GuestRam::from_memfd(ram.memfd().try_clone().unwrap(), ram.size()).unwrap();
+        assert_eq!(
+            other
+                .memory()
+                .read_obj::<u32>(GuestAddress(0x1000))
+                .unwrap(),
+            0xabcd
+        );
+        assert!(GuestRam::new(4095).is_err());
+        assert!(GuestRam::from_memfd(ram.memfd().try_clone().unwrap(), 16 << 20).is_err());
+    }
+}

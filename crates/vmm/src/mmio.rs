@@ -69,3 +69,37 @@ impl MmioBus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, Vec<u8>)>>);
+
+    impl MmioDevice for Recorder {
+        fn read(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&self, offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn dispatches_by_range_and_rejects_overlaps() {
+        let dev = Arc::new(Recorder::default());
+        let mut bus = MmioBus::default();
+        bus.insert(0x1000, 0x100, dev.clone()).unwrap();
+        assert!(bus.insert(0x10ff, 0x10, dev.clone()).is_err());
+        assert!(bus.insert(0x1100, 0x10, dev.clone()).is_ok());
+        let mut buf = [0u8; 2];
+        assert!(bus.read(0x1010, &mut buf));
+        assert_eq!(buf, [0x10, 0x10]);
+        assert!(!bus.read(0x2000, &mut buf));
+        assert_eq!(buf, [0xff, 0xff]);
+        assert!(bus.write(0x1004, &[1, 2]));
+        assert_eq!(dev.0.lock().unwrap()[0], (4, vec![1, 2]));
+    }
+}

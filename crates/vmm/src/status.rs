@@ -309,3 +309,41 @@ impl MmioDevice for StatusDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_lines() {
+        let l = StatusLine::parse("baton-guest: status cpu=1 pass=42 ticks=0x10 tsc=7").unwrap();
+        assert_eq!(l.kind, "status");
+        assert_eq!(l.u64("cpu"), Some(1));
+        assert_eq!(l.u64("pass"), Some(42));
+        assert_eq!(l.u64("ticks"), Some(16));
+        assert_eq!(l.u64("missing"), None);
+        let e =
+            StatusLine::parse("error reason=\"bad option\" option=\"baton.x=1 y\" code=2").unwrap();
+        assert_eq!(e.fields["option"], "baton.x=1 y");
+        assert_eq!(e.fields["reason"], "bad option");
+        assert_eq!(e.u64("code"), Some(2));
+        assert_eq!(StatusLine::parse("   "), None);
+    }
+
+    #[test]
+    fn tracks_regions_passes_failures_and_first_exit() {
+        let st = GuestStatus::new(false);
+        st.push_line("baton-guest: start cpu=0 region=0x200000 size=0x1000000 pages=4096");
+        st.push_line("baton-guest: status cpu=0 pass=5 ticks=1 tsc=1");
+        st.push_line("not a status line");
+        st.push_line("baton-guest: fault cpu=0 vector=13 error=0x0 rip=0x1 cr2=0x0 cpl=3");
+        st.set_exit(GuestExit::Code(0x10d));
+        st.set_exit(GuestExit::Code(0));
+        let s = st.snapshot();
+        assert_eq!(s.regions[&0], (0x20_0000, 0x100_0000));
+        assert_eq!(s.passes(0), 5);
+        assert_eq!(s.line_count, 3);
+        assert!(s.failure.unwrap().starts_with("fault"));
+        assert_eq!(s.exit, Some(GuestExit::Code(0x10d)));
+    }
+}

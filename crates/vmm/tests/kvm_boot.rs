@@ -7,6 +7,7 @@
 //! The guest image is built on demand through xtask's library (`cargo test` from a
 //! clean checkout works).
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -18,19 +19,22 @@ const PAGE: u64 = 4096;
 
 /// Whether KVM can be used; skips (printing why) or panics under BATON_CI=1.
 fn kvm_or_skip(test: &str) -> bool {
-    let err = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => return true,
-        Err(e) => e,
+    // Opening is not enough (a bind-mounted /dev/null opens fine): ask KVM.
+    let err = match kvm_ioctls::Kvm::new().map(|k| k.get_api_version()) {
+        Ok(12) => return true,
+        Ok(v) => format!("KVM API version {v}, expected 12"),
+        Err(e) => e.to_string(),
     };
     let reason = format!("{test}: /dev/kvm is not usable ({err})");
     if std::env::var("BATON_CI").as_deref() == Ok("1") {
         panic!("{reason}; BATON_CI=1 requires KVM");
     }
-    eprintln!("SKIPPED {reason}; set BATON_CI=1 to make this a failure");
+    // Written to the stderr fd directly: libtest captures eprintln! of passing tests,
+    // and a skip must never look like a silent pass.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {reason}; set BATON_CI=1 to make this a failure"
+    );
     false
 }
 
@@ -49,15 +53,8 @@ fn guest_elf() -> PathBuf {
 }
 
 fn boot(cpus: usize, cmdline: &str) -> Vm {
-    let cfg = VmConfig {
-        memory: 256 << 20,
-        cpus,
-        kernel: guest_elf(),
-        cmdline: cmdline.into(),
-        echo: false,
-    };
+    let mut vm = build(256 << 20, cpus, cmdline);
     let started = Instant::now();
-    let mut vm = Vm::new(&cfg).unwrap_or_else(|e| panic!("creating the VM: {e}"));
     vm.start()
         .unwrap_or_else(|e| panic!("starting the VM: {e}"));
     let (st, ok) = vm
@@ -65,10 +62,21 @@ fn boot(cpus: usize, cmdline: &str) -> Vm {
         .wait_until(Duration::from_secs(20), |s| s.regions.len() == cpus);
     assert!(ok, "guest did not start within 20 s: {st:#?}");
     eprintln!(
-        "boot to `start` lines on {cpus} vCPUs: {:?}",
+        "start() to `start` lines on {cpus} vCPUs: {:?}",
         started.elapsed()
     );
     vm
+}
+
+fn build(memory: u64, cpus: usize, cmdline: &str) -> Vm {
+    let cfg = VmConfig {
+        memory,
+        cpus,
+        kernel: guest_elf(),
+        cmdline: cmdline.into(),
+        echo: false,
+    };
+    Vm::new(&cfg).unwrap_or_else(|e| panic!("creating the VM: {e}"))
 }
 
 /// First byte of every page of `[addr, addr + size)`.
@@ -205,4 +213,25 @@ fn live_pattern_pause_resume_and_vcpu_state() {
     vm.resume().expect("resume again");
     assert_eq!(vm.status().snapshot().failure, None);
     vm.stop().expect("stop");
+}
+
+#[test]
+fn guest_reports_configuration_errors() {
+    if !kvm_or_skip("guest_reports_configuration_errors") {
+        return;
+    }
+    // (command line, RAM, exit code, reason)
+    let cases = [
+        ("baton.bogus=1", 256 << 20, 2, "bad option"),
+        ("baton.region=64M", 32 << 20, 3, "region not in RAM"),
+    ];
+    for (cmdline, memory, code, reason) in cases {
+        let mut vm = build(memory, 1, cmdline);
+        vm.start().expect("start");
+        let exit = vm.wait_exit(Duration::from_secs(20));
+        let st = vm.status().snapshot();
+        assert_eq!(exit, Some(GuestExit::Code(code)), "{cmdline}: {st:#?}");
+        let failure = st.failure.unwrap_or_default();
+        assert!(failure.contains(reason), "{cmdline}: {failure}");
+    }
 }

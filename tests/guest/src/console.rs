@@ -143,13 +143,18 @@ pub fn exit(code: u32) -> ! {
     boot::halt_forever()
 }
 
-/// Bytes as text for a report (lossy: non-UTF-8 becomes '?').
+/// Bytes as text for a quoted field of a report (anything but printable ASCII, and
+/// the quote itself, becomes '?').
 pub struct Bytes<'a>(pub &'a [u8]);
 
 impl fmt::Display for Bytes<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for &b in self.0 {
-            f.write_char(if b.is_ascii_graphic() { b as char } else { '?' })?;
+            f.write_char(if b.is_ascii_graphic() && b != b'"' {
+                b as char
+            } else {
+                '?'
+            })?;
         }
         Ok(())
     }

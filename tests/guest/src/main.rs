@@ -51,7 +51,7 @@ fn boot_cpu(start_info: u64) {
     let info = match pvh::read(start_info) {
         Ok(info) => info,
         Err(e) => {
-            say!("error boot start_info=0x{:x} reason=\"{}\"", start_info, e);
+            say!("error reason=\"{}\" start_info=0x{:x}", e, start_info);
             console::exit(console::EXIT_BAD_BOOT);
         }
     };
@@ -66,7 +66,7 @@ fn boot_cpu(start_info: u64) {
         MEMMAP = info.memmap;
     }
     if let Some(bad) = cfg.bad_option {
-        say!("error option \"{}\"", Bytes(bad));
+        say!("error reason=\"bad option\" option=\"{}\"", Bytes(bad));
         console::exit(console::EXIT_BAD_OPTION);
     }
     let console = match cfg.console {

@@ -71,7 +71,7 @@ pub fn region(cpu: usize, cfg: &Config, memmap: &[MemmapEntry]) -> Option<(u64, 
 pub fn run(cpu: usize, cfg: &Config, memmap: &[MemmapEntry]) -> ! {
     let Some((start, size)) = region(cpu, cfg, memmap) else {
         say!(
-            "error cpu={} region_size=0x{:x} reason=\"region not in RAM\"",
+            "error reason=\"region not in RAM\" cpu={} region_size=0x{:x}",
             cpu,
             cfg.region_size
         );
