@@ -87,8 +87,12 @@ fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
     tracing::info!(timings = ?vm.timings(), cmdline = vm.cmdline(), "VM built in {:?}", started.elapsed());
     vm.start()?;
     let status = vm.status().clone();
-    let (_, hello) = status.wait_until(Duration::from_secs(10), |s| !s.last.is_empty());
+    let (_, hello) = status.wait_until(Duration::from_secs(10), |s| s.hello.is_some());
     if hello {
+        tracing::info!("guest hello {:?} after process start", started.elapsed());
+    }
+    let (_, first) = status.wait_until(Duration::from_secs(10), |s| !s.last.is_empty());
+    if first {
         tracing::info!(
             "first status line {:?} after process start",
             started.elapsed()
