@@ -99,6 +99,10 @@ fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
         );
     }
     let deadline = (args.timeout > 0).then(|| Instant::now() + Duration::from_secs(args.timeout));
+    // Pass rate measured with the host clock from the first status line on.
+    let total =
+        |st: &baton_vmm::StatusState| (0..vm.cpus() as u64).map(|c| st.passes(c)).sum::<u64>();
+    let rate_start = (Instant::now(), total(&status.snapshot()));
     let exit = loop {
         if let Some(exit) = vm.wait_exit(Duration::from_millis(100)) {
             break Some(exit);
@@ -112,8 +116,21 @@ fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
             break None;
         }
     };
-    vm.stop()?;
     let st = status.snapshot();
+    let secs = rate_start.0.elapsed().as_secs_f64();
+    let passes = total(&st).saturating_sub(rate_start.1);
+    if secs > 0.0 && passes > 0 {
+        let pages =
+            st.regions.values().map(|r| r.1 / 4096).sum::<u64>() / st.regions.len().max(1) as u64;
+        tracing::info!(
+            "pass rate: {:.0} passes/s over all vCPUs ({:.1} M pages/s, {pages} pages per region)",
+            passes as f64 / secs,
+            passes as f64 * pages as f64 / secs / 1e6
+        );
+    }
+    let stop_started = Instant::now();
+    vm.stop()?;
+    tracing::info!("vCPU threads stopped in {:?}", stop_started.elapsed());
     for cpu in 0..vm.cpus() {
         tracing::info!(cpu, passes = st.passes(cpu as u64), "final pass count");
         match vm.vcpu_state(cpu) {
