@@ -11,6 +11,9 @@
 //! * [`Vm::pause`] / [`Vm::resume`]: all vCPUs out of / back into the guest.
 //! * [`Vm::vcpu_state`] / [`Vm::set_vcpu_state`], [`Vm::vm_state`] /
 //!   [`Vm::set_vm_state`]: the architectural state.
+//! * [`Vm::new_incoming`]: a VM around RAM that already holds a running guest (a
+//!   received memfd); restore the state into it and [`Vm::start`] it. The test
+//!   `incoming_vm_continues_from_memfd_and_state` does a whole handover in-process.
 //! * [`Vm::status`]: what the harness guest reports (passes, regions, exit).
 //!
 //! Why these choices: see DESIGN.md, "The KVM harness and this machine" (`kvm_pvm`:

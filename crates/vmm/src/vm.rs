@@ -63,7 +63,7 @@ pub struct Vm {
     ctl: Arc<Control>,
     handlers: ExitHandlers,
     msr_indices: Vec<u32>,
-    boot: BootEntry,
+    boot: Option<BootEntry>,
     cmdline: String,
     timings: BootTimings,
 }
@@ -71,10 +71,34 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM, its RAM and vCPUs, and loads the kernel. Nothing runs yet.
     pub fn new(cfg: &VmConfig) -> Result<Vm> {
-        if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
+        let t = Instant::now();
+        let ram = GuestRam::new(cfg.memory)?;
+        let memory = t.elapsed();
+        let cmdline = format!("baton.console=mmio:{STATUS_BASE:#x} {}", cfg.cmdline)
+            .trim()
+            .to_string();
+        let mut vm = Self::build(ram, cfg.cpus, cfg.echo, Some((&cfg.kernel, cmdline)))?;
+        vm.timings.memory += memory;
+        Ok(vm)
+    }
+
+    /// Creates a VM around RAM that already holds a guest (e.g. a memfd received from
+    /// the previous VMM process, mapped with [`GuestRam::from_memfd`]). Nothing is
+    /// loaded and the vCPUs hold no meaningful state: restore it with
+    /// [`Self::set_vm_state`] and [`Self::set_vcpu_state`] before [`Self::start`].
+    pub fn new_incoming(ram: GuestRam, cpus: usize, echo: bool) -> Result<Vm> {
+        Self::build(ram, cpus, echo, None)
+    }
+
+    fn build(
+        ram: GuestRam,
+        cpus: usize,
+        echo: bool,
+        kernel: Option<(&std::path::Path, String)>,
+    ) -> Result<Vm> {
+        if cpus == 0 || cpus > MAX_CPUS {
             return Err(Error::Config(format!(
-                "--cpus must be 1..={MAX_CPUS}, not {}",
-                cfg.cpus
+                "--cpus must be 1..={MAX_CPUS}, not {cpus}"
             )));
         }
         let t = Instant::now();
@@ -90,7 +114,6 @@ impl Vm {
         };
 
         let t = Instant::now();
-        let ram = GuestRam::new(cfg.memory)?;
         for (slot, r) in ram.regions().iter().enumerate() {
             let host = ram
                 .host_addr(slot)
@@ -110,31 +133,34 @@ impl Vm {
         timings.memory = t.elapsed();
 
         let t = Instant::now();
-        let cmdline = format!("baton.console=mmio:{STATUS_BASE:#x} {}", cfg.cmdline)
-            .trim()
-            .to_string();
-        let boot = boot::load_pvh(&ram, &cfg.kernel, &cmdline)?;
+        let (boot, cmdline) = match kernel {
+            Some((path, cmdline)) => {
+                let boot = boot::load_pvh(&ram, path, &cmdline)?;
+                tracing::debug!(?boot, %cmdline, "kernel loaded");
+                (Some(boot), cmdline)
+            }
+            None => (None, String::new()),
+        };
         timings.load_kernel = t.elapsed();
-        tracing::debug!(?boot, %cmdline, "kernel loaded");
 
         let t = Instant::now();
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(cfg.cpus);
-        for index in 0..cfg.cpus {
+        let mut vcpus = Vec::with_capacity(cpus);
+        for index in 0..cpus {
             let fd = vm.create_vcpu(index as u64).map_err(|source| Error::Vcpu {
                 index,
                 what: "create",
                 source,
             })?;
-            setup_vcpu(index, &fd, &cpuid, &boot)?;
+            setup_vcpu(index, &fd, &cpuid, boot.as_ref())?;
             vcpus.push(fd);
         }
         let msr_indices = state::readable_msrs(&kvm, &vcpus[0])?;
         timings.vcpus = t.elapsed();
 
-        let status = Arc::new(GuestStatus::new(cfg.echo));
+        let status = Arc::new(GuestStatus::new(echo));
         let status_dev = Arc::new(StatusDevice::new(ram.memory().clone(), status.clone()));
         let mut bus = MmioBus::default();
         bus.insert(STATUS_BASE, STATUS_SIZE, status_dev.clone())
@@ -262,7 +288,8 @@ impl Vm {
         &self.kvm
     }
 
-    pub fn boot_entry(&self) -> BootEntry {
+    /// Where the kernel was entered (None for an incoming VM).
+    pub fn boot_entry(&self) -> Option<BootEntry> {
         self.boot
     }
 
@@ -285,7 +312,12 @@ impl Drop for Vm {
 }
 
 /// CPUID (once: `kvm_pvm` ignores later calls), then the PVH entry state.
-fn setup_vcpu(index: usize, fd: &VcpuFd, supported: &CpuId, boot: &BootEntry) -> Result<()> {
+fn setup_vcpu(
+    index: usize,
+    fd: &VcpuFd,
+    supported: &CpuId,
+    boot: Option<&BootEntry>,
+) -> Result<()> {
     let e = |what| {
         move |source| Error::Vcpu {
             index,
@@ -304,6 +336,9 @@ fn setup_vcpu(index: usize, fd: &VcpuFd, supported: &CpuId, boot: &BootEntry) ->
         }
     }
     fd.set_cpuid2(&cpuid).map_err(e("set CPUID"))?;
+    let Some(boot) = boot else {
+        return Ok(());
+    };
     let sregs = fd.get_sregs().map_err(e("get sregs"))?;
     fd.set_sregs(&boot::entry_sregs(sregs))
         .map_err(e("set sregs"))?;

@@ -235,3 +235,51 @@ fn guest_reports_configuration_errors() {
         assert!(failure.contains(reason), "{cmdline}: {failure}");
     }
 }
+
+/// Local live update in miniature: the source pauses, a second VM adopts the RAM
+/// memfd and the vCPU/VM state, and the guest carries on there.
+#[test]
+fn incoming_vm_continues_from_memfd_and_state() {
+    if !kvm_or_skip("incoming_vm_continues_from_memfd_and_state") {
+        return;
+    }
+    let mut source = boot(2, "baton.region=16M baton.report_ms=20");
+    let (st, ok) = source.status().wait_until(Duration::from_secs(30), |s| {
+        s.passes(0) >= 100 && s.passes(1) >= 100
+    });
+    assert!(ok, "source made no progress: {st:#?}");
+
+    let downtime = Instant::now();
+    source.pause().expect("pause source");
+    let vm_state = source.vm_state().expect("VM state");
+    let states: Vec<_> = (0..2)
+        .map(|c| source.vcpu_state(c).expect("vCPU state"))
+        .collect();
+    let memfd = source.ram().memfd().try_clone().expect("dup memfd");
+    let ram = GuestRam::from_memfd(memfd, source.ram().size()).expect("adopt memfd");
+    let mut dest = Vm::new_incoming(ram, 2, false).expect("incoming VM");
+    dest.set_vm_state(&vm_state).expect("set VM state");
+    for (c, s) in states.iter().enumerate() {
+        dest.set_vcpu_state(c, s).expect("set vCPU state");
+    }
+    source.stop().expect("stop source threads");
+    dest.start().expect("start destination");
+    let downtime = downtime.elapsed();
+
+    let last = source.status().snapshot();
+    let (st, ok) = dest.status().wait_until(Duration::from_secs(30), |s| {
+        s.passes(0) > last.passes(0) + 100 && s.passes(1) > last.passes(1) + 100
+    });
+    assert!(ok, "destination did not continue: {st:#?}");
+    assert_eq!(st.failure, None);
+    dest.pause().expect("pause destination");
+    let (addr, size) = last.regions[&0];
+    check_pattern(&page_bytes(dest.ram(), addr, size)).expect("pattern on the destination");
+    eprintln!(
+        "in-process handover (pause, state, new VM, restore, start): {downtime:?}; \
+         cpu0 pass {} -> {}",
+        last.passes(0),
+        st.passes(0)
+    );
+    dest.stop().expect("stop destination");
+}
