@@ -69,8 +69,12 @@ pub struct ActivateContext<M> {
     /// The features the driver accepted (also given to [`VirtioDevice::ack_features`]).
     pub acked_features: u64,
     /// `true` when the activation restores a migrated device: the queues carry their
-    /// saved indices and the guest has already seen every interrupt, so the device must
-    /// not re-initialise a backend it adopted nor signal anything on its own account.
+    /// saved indices and the guest has already seen every interrupt. The device must not
+    /// re-initialise a backend it adopted, and must neither touch guest memory nor signal
+    /// until its first [`VirtioDevice::queue_notify`]: the VM is not running yet and, in a
+    /// local live update, its RAM is still shared with a source that may resume. The VMM
+    /// calls [`crate::MmioTransport::notify_all_queues`] when the restored VM starts, to
+    /// catch up with buffers made available since the source's last notification.
     pub restored: bool,
 }
 
@@ -117,8 +121,9 @@ pub trait VirtioDevice<M>: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
     /// Start operating: the driver set `DRIVER_OK`, the queues marked ready have rings
-    /// inside guest memory, and [`ActivateContext::acked_features`] is final. Process any
-    /// buffers already available (a driver may add them before `DRIVER_OK`).
+    /// inside guest memory, and [`ActivateContext::acked_features`] is final. Unless
+    /// [`ActivateContext::restored`], process any buffers already available (a driver may
+    /// add them before `DRIVER_OK`).
     fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), DeviceError>;
 
     /// The driver notified `queue` (an index below `queues().len()`), through a

@@ -24,6 +24,10 @@
 //! re-read from the rings) and, when the saved device was running, activates the device
 //! with [`crate::ActivateContext::restored`] set. It raises no interrupt: whatever was
 //! pending is in the saved `InterruptStatus` and in the interrupt controller's own state.
+//! It does not touch guest memory either (in a local live update the RAM is shared with a
+//! source that resumes if the migration fails); when the restored VM starts, the VMM calls
+//! [`MmioTransport::notify_all_queues`] to catch up with buffers made available since the
+//! source last processed a notification.
 
 use baton_qdev::{DeviceMigrationError, Hook};
 use baton_vmstate::VmStateError;

@@ -195,6 +195,19 @@ where
         }
     }
 
+    /// Notify every ready queue, as if the driver had: the VMM calls this when a restored
+    /// VM starts running, so buffers the driver made available after the source's last
+    /// processed notification (or whose notification was lost in flight) are seen.
+    pub fn notify_all_queues(&mut self) {
+        let ready: Vec<u16> = (self.device.queues().iter().enumerate())
+            .filter(|(_, q)| q.ready())
+            .map(|(i, _)| i as u16)
+            .collect();
+        for q in ready {
+            self.notify_queue(q);
+        }
+    }
+
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= regs::CONFIG {

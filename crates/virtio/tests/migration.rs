@@ -50,6 +50,7 @@ fn save_load_mid_traffic_continues_exactly() {
 
     // The destination: a copy of RAM, a fresh transport; the source is never used again.
     let mem2 = copy_memory(&mem);
+    let ram_before = memory_bytes(&mem2);
     let (mut dst, irq2) = echo_transport(&mem2);
     migrate(&src, &mut dst).unwrap();
     drop(src);
@@ -57,9 +58,14 @@ fn save_load_mid_traffic_continues_exactly() {
     assert!(dst.is_active());
     assert_eq!(dst.device().activations, vec![true]);
     assert_eq!(dst.driver_features(), saved.driver_features);
+    assert!(
+        memory_bytes(&mem2) == ram_before,
+        "restore must not touch guest RAM"
+    );
 
-    // Restored activation catches up with buffers made available meanwhile (as if kicked)
-    // and the driver finds every request exactly once, in order.
+    // The VM starts: the VMM's catch-up notification makes the device see the buffers
+    // made available meanwhile, and the driver finds every request exactly once, in order.
+    dst.notify_all_queues();
     let mut d2 = d.clone();
     d2.mem = mem2.clone();
     let used = d2.take_used(0);
@@ -422,6 +428,7 @@ fn embedded_in_a_device_migratable() {
         transport: t2,
     };
     dst.load(version, &blob).unwrap();
+    dst.transport.notify_all_queues();
     assert_eq!(rd(&mut dst.transport, regs::CONFIG + 4), 0xabcd);
     let mut d2 = d.clone();
     d2.mem = mem2;

@@ -52,6 +52,17 @@ pub fn copy_memory(src: &Mem) -> Mem {
     dst
 }
 
+/// All of guest RAM, region after region.
+pub fn memory_bytes(mem: &Mem) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in mem.iter() {
+        let mut buf = vec![0u8; r.len() as usize];
+        mem.read_slice(&mut buf, r.start_addr()).expect("read ram");
+        out.extend_from_slice(&buf);
+    }
+    out
+}
+
 struct Active {
     mem: Mem,
     irq: VirtioInterrupt,
@@ -171,14 +182,16 @@ impl VirtioDevice<Mem> for EchoDevice {
     }
     fn activate(&mut self, ctx: ActivateContext<Mem>) -> Result<(), DeviceError> {
         self.activations.push(ctx.restored);
+        let restored = ctx.restored;
         self.active = Some(Active {
             mem: ctx.mem,
             irq: ctx.interrupt,
             upper: ctx.acked_features & ECHO_F_UPPER != 0,
             event_idx: ctx.acked_features & features::RING_EVENT_IDX != 0,
         });
+        // A restored device waits for the VMM's catch-up notification.
         for qi in 0..self.queues.len() as u16 {
-            if self.queues[usize::from(qi)].ready() {
+            if !restored && self.queues[usize::from(qi)].ready() {
                 self.process(qi)?;
             }
         }
