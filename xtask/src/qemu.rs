@@ -100,14 +100,19 @@ fn apt_download(pkg: &str, dir: &Path) -> Result<PathBuf> {
 /// Package names from a .deb's Depends (first alternative, no versions).
 fn depends(deb: &Path) -> Result<Vec<String>> {
     let out = crate::run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Depends"))?;
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(parse_depends(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `a (>= 1), b | c, d:any` → `[a, b, d]`.
+fn parse_depends(field: &str) -> Vec<String> {
+    field
         .split(',')
         .filter_map(|d| {
             let first = d.split('|').next()?.trim();
             let name = first.split([' ', '(', ':']).next()?.trim();
             (!name.is_empty()).then(|| name.to_string())
         })
-        .collect())
+        .collect()
 }
 
 /// Downloads and unpacks QEMU into `<target>/qemu` unless that was done before.
@@ -322,4 +327,29 @@ pub fn boot(qemu: &Qemu, elf: &Path, opts: &BootOptions) -> Result<Report> {
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depends_take_the_first_alternative_without_versions() {
+        let d =
+            parse_depends("libaio1 (>= 0.3.93), libc6 (>= 2.34), seabios | ipxe, python3:any, \n");
+        assert_eq!(d, ["libaio1", "libc6", "seabios", "python3"]);
+    }
+
+    #[test]
+    fn last_status_prefers_the_latest_status_or_done() {
+        let r = Report {
+            lines: vec![
+                "start cpu=0".into(),
+                "status cpu=0 pass=1".into(),
+                "done cpu=0 pass=2".into(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(r.last_status(), Some("done cpu=0 pass=2"));
+    }
 }
