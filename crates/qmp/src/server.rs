@@ -31,10 +31,16 @@ pub const DEFAULT_MAX_CLIENTS: usize = 32;
 /// Default time a write to a client may block before the client is dropped.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+#[derive(Debug)]
+enum UnixSource {
+    Path(PathBuf),
+    Listener(UnixListener),
+}
+
 /// Configures and starts a [`QmpServer`].
 #[derive(Debug)]
 pub struct QmpServerBuilder {
-    unix: Option<PathBuf>,
+    unix: Option<UnixSource>,
     tcp: Option<SocketAddr>,
     version: VersionInfo,
     max_message_size: usize,
@@ -69,7 +75,16 @@ impl QmpServerBuilder {
     /// Listens on a UNIX socket at `path`. A stale socket there is replaced; a live one
     /// or any other file is an error.
     pub fn unix(mut self, path: impl Into<PathBuf>) -> Self {
-        self.unix = Some(path.into());
+        self.unix = Some(UnixSource::Path(path.into()));
+        self
+    }
+
+    /// Serves on an already-listening UNIX socket instead, e.g. one inherited from the
+    /// VMM process this one replaces in a live update (see
+    /// [`QmpServer::shutdown_keep_listener`]), or one created by a management stack.
+    /// Its socket file is never removed by this server.
+    pub fn unix_listener(mut self, listener: UnixListener) -> Self {
+        self.unix = Some(UnixSource::Listener(listener));
         self
     }
 
@@ -133,10 +148,12 @@ impl QmpServerBuilder {
 #[derive(Debug)]
 pub struct QmpServer {
     hub: Arc<Hub>,
-    unix: Option<(PathBuf, u64, u64)>,
+    unix_path: Option<PathBuf>,
+    /// The socket file this server created (path, device, inode), removed at shutdown.
+    owned_socket: Option<(PathBuf, u64, u64)>,
     tcp_addr: Option<SocketAddr>,
     wake: Option<UnixStream>,
-    acceptor: Option<JoinHandle<()>>,
+    acceptor: Option<JoinHandle<Option<UnixListener>>>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
@@ -149,6 +166,24 @@ struct Acceptor {
     write_timeout: Duration,
     next_id: AtomicU64,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// Removes a socket file this server created if starting fails after binding it.
+struct SocketFile(Option<(PathBuf, u64, u64)>);
+
+impl SocketFile {
+    fn keep(mut self) -> (PathBuf, u64, u64) {
+        // Always Some until kept.
+        self.0.take().unwrap_or_default()
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some((path, ..)) = &self.0 {
+            let _ = fs::remove_file(path);
+        }
+    }
 }
 
 fn setup(what: &'static str) -> impl FnOnce(io::Error) -> ServerError {
@@ -192,11 +227,23 @@ impl QmpServer {
         if b.unix.is_none() && b.tcp.is_none() {
             return Err(ServerError::NoListener);
         }
-        let unix = match &b.unix {
-            Some(path) => {
-                let listener = bind_unix(path)?;
-                let md = fs::metadata(path).map_err(setup("stat the QMP socket"))?;
-                Some((listener, path.clone(), md.dev(), md.ino()))
+        let mut owned_socket = None;
+        let unix = match b.unix {
+            Some(UnixSource::Path(path)) => {
+                let listener = bind_unix(&path)?;
+                let md = fs::metadata(&path).map_err(setup("stat the QMP socket"))?;
+                owned_socket = Some(SocketFile(Some((path.clone(), md.dev(), md.ino()))));
+                Some((listener, path))
+            }
+            Some(UnixSource::Listener(listener)) => {
+                let addr = listener
+                    .local_addr()
+                    .map_err(setup("read the UNIX socket address"))?;
+                let path = addr
+                    .as_pathname()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                Some((listener, path))
             }
             None => None,
         };
@@ -220,9 +267,7 @@ impl QmpServer {
         }
         let (wake_tx, wake_rx) = UnixStream::pair().map_err(setup("create the wake-up pair"))?;
         let threads = Arc::new(Mutex::new(Vec::new()));
-        let unix_info = unix
-            .as_ref()
-            .map(|(_, p, dev, ino)| (p.clone(), *dev, *ino));
+        let unix_path = unix.as_ref().map(|(_, p)| p.clone());
         let acceptor = Acceptor {
             env: Arc::new(ClientEnv {
                 hub: b.hub.clone(),
@@ -231,7 +276,7 @@ impl QmpServer {
                 max_message_size: b.max_message_size,
                 max_nesting: b.max_nesting,
             }),
-            unix: unix.map(|(l, p, ..)| (l, p)),
+            unix,
             tcp,
             wake: wake_rx,
             max_clients: b.max_clients,
@@ -243,7 +288,7 @@ impl QmpServer {
             .name("qmp-accept".into())
             .spawn(move || acceptor.run())
             .map_err(setup("spawn the accept thread"))?;
-        if let Some((p, ..)) = &unix_info {
+        if let Some(p) = &unix_path {
             tracing::info!(path = %p.display(), "QMP server listening");
         }
         if let Some(a) = tcp_addr {
@@ -251,7 +296,8 @@ impl QmpServer {
         }
         Ok(QmpServer {
             hub: b.hub,
-            unix: unix_info,
+            unix_path,
+            owned_socket: owned_socket.map(SocketFile::keep),
             tcp_addr,
             wake: Some(wake_tx),
             acceptor: Some(handle),
@@ -266,7 +312,7 @@ impl QmpServer {
 
     /// The UNIX socket path, if listening on one.
     pub fn unix_path(&self) -> Option<&Path> {
-        self.unix.as_ref().map(|(p, ..)| p.as_path())
+        self.unix_path.as_deref()
     }
 
     /// The bound TCP address (with the real port), if listening on TCP.
@@ -286,19 +332,27 @@ impl QmpServer {
     /// Called from within a command handler, it does not wait for the connection
     /// threads (it runs on one of them).
     pub fn shutdown(mut self) {
-        self.stop();
+        self.stop(false);
     }
 
-    fn stop(&mut self) {
-        let Some(mut wake) = self.wake.take() else {
-            return;
-        };
+    /// Like [`QmpServer::shutdown`], but keeps the UNIX listening socket open and its
+    /// file in place, and returns it (in blocking mode): a live update hands it to the
+    /// new VMM process, which serves it with [`QmpServerBuilder::unix_listener`], so the
+    /// socket path never disappears. Clients are disconnected and reconnect.
+    pub fn shutdown_keep_listener(mut self) -> Option<UnixListener> {
+        self.stop(true)
+    }
+
+    fn stop(&mut self, keep_listener: bool) -> Option<UnixListener> {
+        let mut wake = self.wake.take()?;
         if let Err(e) = wake.write_all(&[1]) {
             tracing::warn!("cannot wake the QMP accept thread: {e}");
         }
+        let mut listener = None;
         if let Some(handle) = self.acceptor.take() {
-            if handle.join().is_err() {
-                tracing::error!("the QMP accept thread panicked");
+            match handle.join() {
+                Ok(l) => listener = l,
+                Err(_) => tracing::error!("the QMP accept thread panicked"),
             }
         }
         self.hub.close_all();
@@ -313,7 +367,19 @@ impl QmpServer {
                 let _ = handle.join();
             }
         }
-        if let Some((path, dev, ino)) = &self.unix {
+        if keep_listener {
+            let listener = listener.filter(|l| match l.set_nonblocking(false) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("cannot restore the QMP listener to blocking mode: {e}");
+                    false
+                }
+            });
+            tracing::info!("QMP server stopped; listener kept");
+            return listener;
+        }
+        drop(listener);
+        if let Some((path, dev, ino)) = &self.owned_socket {
             // Remove the socket only if it is still ours.
             if fs::symlink_metadata(path).is_ok_and(|md| md.dev() == *dev && md.ino() == *ino) {
                 if let Err(e) = fs::remove_file(path) {
@@ -322,12 +388,13 @@ impl QmpServer {
             }
         }
         tracing::info!("QMP server stopped");
+        None
     }
 }
 
 impl Drop for QmpServer {
     fn drop(&mut self) {
-        self.stop();
+        self.stop(false);
     }
 }
 
@@ -340,7 +407,8 @@ fn poll_fd(fd: RawFd) -> libc::pollfd {
 }
 
 impl Acceptor {
-    fn run(self) {
+    /// Accepts until woken; gives back the UNIX listener.
+    fn run(self) -> Option<UnixListener> {
         let mut fds = vec![poll_fd(self.wake.as_raw_fd())];
         if let Some((l, _)) = &self.unix {
             fds.push(poll_fd(l.as_raw_fd()));
@@ -361,13 +429,14 @@ impl Acceptor {
                     continue;
                 }
                 tracing::error!("QMP accept loop: poll failed: {e}");
-                return;
+                break;
             }
             if fds[0].revents != 0 {
-                return;
+                break;
             }
             self.accept_ready();
         }
+        self.unix.map(|(l, _)| l)
     }
 
     fn accept_ready(&self) {

@@ -361,3 +361,42 @@ fn a_panicking_handler_is_an_error_reply_not_a_dead_server() {
     assert_eq!(r["return"]["args"], json!({"k": [1, {"z": null}]}));
     server.shutdown();
 }
+
+#[test]
+fn listener_handover_keeps_the_socket_path_alive() {
+    let d = demo("handover");
+    let mut old_client = Client::negotiated(&d.path);
+    let path = d.path.clone();
+    let listener = d.server.shutdown_keep_listener().expect("listener kept");
+    assert!(old_client.sees_eof(Duration::from_secs(5)));
+    assert!(path.exists(), "socket file removed during a handover");
+    // A client connecting in the gap is queued, not refused.
+    let mut gap_client = Client::connect_raw(&path);
+    let builder = QmpServer::builder().unix_listener(listener);
+    let vm = baton_qmp::demo::DemoVm::new(builder.event_sender());
+    let server = builder.start(baton_qmp::demo::registry(vm)).unwrap();
+    assert_eq!(server.unix_path(), Some(path.as_path()));
+    assert!(gap_client.recv().get("QMP").is_some());
+    let mut c = Client::negotiated(&path);
+    assert_eq!(
+        c.execute("query-status", None)["return"]["status"],
+        "running"
+    );
+    server.shutdown();
+    // Not created by the second server: left for its owner to remove.
+    assert!(path.exists());
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_failed_start_leaves_no_socket_file() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let path = socket_path("failed");
+    let err = QmpServer::builder()
+        .unix(&path)
+        .tcp(taken.local_addr().unwrap())
+        .start(CommandRegistry::new())
+        .unwrap_err();
+    assert!(matches!(err, ServerError::BindTcp { .. }), "{err}");
+    assert!(!path.exists());
+}
