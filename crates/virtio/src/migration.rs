@@ -124,8 +124,9 @@ where
                 ),
             ));
         }
+        let features_ok = u32::from(state.status) & st::FEATURES_OK != 0;
         let unoffered = state.driver_features & !self.offered;
-        if unoffered != 0 {
+        if features_ok && unoffered != 0 {
             return Err(VmStateError::invalid(
                 "driver_features",
                 format!(

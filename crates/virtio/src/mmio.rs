@@ -352,37 +352,33 @@ where
         }
     }
 
-    /// The index of the selected queue if its configuration may be written now: after
-    /// `FEATURES_OK`, before `DRIVER_OK`, and (except `QueueReady`) while not ready.
-    fn configurable_queue(&self, reg: &str) -> Option<usize> {
+    /// The selected queue (and its index) if its configuration may be written now:
+    /// after `FEATURES_OK`, before `DRIVER_OK`, and (except `QueueReady`) while not ready.
+    fn configurable_queue(&mut self, reg: &str) -> Option<(usize, &mut Queue)> {
         let s = self.status();
         if s & st::FEATURES_OK == 0 || s & (st::DRIVER_OK | st::FAILED) != 0 {
             tracing::debug!("virtio-mmio: {reg} write with status {s:#x} ignored");
             return None;
         }
-        let i = usize::try_from(self.queue_sel).ok();
-        let Some(q) = i.and_then(|i| self.device.queues().get(i)) else {
-            tracing::debug!(
-                "virtio-mmio: {reg} write for missing queue {}",
-                self.queue_sel
-            );
+        let sel = self.queue_sel;
+        let found = usize::try_from(sel)
+            .ok()
+            .and_then(|i| Some((i, self.device.queues_mut().get_mut(i)?)));
+        let Some((i, q)) = found else {
+            tracing::debug!("virtio-mmio: {reg} write for missing queue {sel}");
             return None;
         };
         if reg != "QueueReady" && q.ready() {
-            tracing::debug!(
-                "virtio-mmio: {reg} write to ready queue {} ignored",
-                self.queue_sel
-            );
+            tracing::debug!("virtio-mmio: {reg} write to ready queue {sel} ignored");
             return None;
         }
-        i
+        Some((i, q))
     }
 
     fn write_queue_num(&mut self, v: u32) {
-        let Some(i) = self.configurable_queue("QueueNum") else {
+        let Some((i, q)) = self.configurable_queue("QueueNum") else {
             return;
         };
-        let q = &mut self.device.queues_mut()[i];
         let max = q.max_size();
         match u16::try_from(v).ok().filter(|&n| valid_queue_size(n, max)) {
             Some(n) => q.set_size(n),
@@ -391,20 +387,19 @@ where
     }
 
     fn write_queue_ready(&mut self, v: u32) {
-        let Some(i) = self.configurable_queue("QueueReady") else {
+        let Some((_, q)) = self.configurable_queue("QueueReady") else {
             return;
         };
         match v {
-            0 | 1 => self.device.queues_mut()[i].set_ready(v == 1),
+            0 | 1 => q.set_ready(v == 1),
             _ => tracing::debug!("virtio-mmio: QueueReady {v:#x} ignored"),
         }
     }
 
     fn write_ring(&mut self, ring: Ring, high: bool, v: u32) {
-        let Some(i) = self.configurable_queue("queue address") else {
+        let Some((i, q)) = self.configurable_queue("queue address") else {
             return;
         };
-        let q = &mut self.device.queues_mut()[i];
         let old = match ring {
             Ring::Desc => q.desc_table(),
             Ring::Driver => q.avail_ring(),

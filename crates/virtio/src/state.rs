@@ -9,7 +9,7 @@
 //! Loading is parsing hostile input. The checks come in two layers:
 //! - *intrinsic*, run by the codec after every load ([`VirtioMmioState::check`]): values
 //!   the transport could never have produced (undefined status bits, a status out of the
-//!   initialisation order, features the device never offered, a queue size above its
+//!   initialisation order, negotiated features the device never offered, a queue size above its
 //!   maximum or not a power of two, misaligned or overflowing rings of a running queue,
 //!   more requests in flight than the ring holds);
 //! - *against the destination* ([`crate::MmioTransport::check_state`]): the device type,
@@ -292,8 +292,11 @@ impl VirtioMmioState {
                 format!("{:#x} lacks VIRTIO_F_VERSION_1", self.device_features),
             );
         }
+        // Before FEATURES_OK the driver may have written anything; it is checked when it
+        // sets FEATURES_OK (after the restore, if that comes later).
+        let features_ok = s & st::FEATURES_OK != 0;
         let unoffered = self.driver_features & !self.device_features;
-        if unoffered != 0 {
+        if features_ok && unoffered != 0 {
             return hex_err(
                 "driver_features",
                 format!(
@@ -302,7 +305,6 @@ impl VirtioMmioState {
                 ),
             );
         }
-        let features_ok = s & st::FEATURES_OK != 0;
         if features_ok && self.driver_features & features::VERSION_1 == 0 {
             return hex_err(
                 "driver_features",
@@ -313,6 +315,8 @@ impl VirtioMmioState {
         let active = self.is_active();
         for (i, q) in self.queues.iter().enumerate() {
             let at = |field: &str| format!("queues[{i}].{field}");
+            // Already run by the codec on each queue; again here for states built in code.
+            q.check().map_err(|e| e.in_index(i).in_field("queues"))?;
             if q.event_idx != event_idx {
                 return hex_err(
                     &at("event_idx"),
