@@ -2,7 +2,7 @@
 //!
 //! A device crate keeps its own state struct and embeds [`VirtioMmioState`] in it:
 //!
-//! ```ignore
+//! ```text
 //! #[derive(VmState)]
 //! #[vmstate(name = "virtio-net", version = 1)]
 //! struct NetState { virtio: VirtioMmioState, mac: [u8; 6] }

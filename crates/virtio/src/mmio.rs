@@ -178,17 +178,24 @@ where
     }
 
     /// A driver notification for `queue` (from a `QueueNotify` write or an ioeventfd).
-    /// Ignored unless the device is active and the queue exists; a device error sets
-    /// `DEVICE_NEEDS_RESET`.
+    /// Ignored unless the device is active and the queue exists and is ready; a device
+    /// error sets `DEVICE_NEEDS_RESET`.
     pub fn notify_queue(&mut self, queue: u16) {
         self.sync_needs_reset();
         if !self.active {
             tracing::debug!("virtio-mmio: notify of queue {queue} while inactive, ignored");
             return;
         }
-        if usize::from(queue) >= self.device.queues().len() {
-            tracing::debug!("virtio-mmio: notify of queue {queue}: no such queue, ignored");
-            return;
+        match self.device.queues().get(usize::from(queue)) {
+            Some(q) if q.ready() => {}
+            Some(_) => {
+                tracing::debug!("virtio-mmio: notify of queue {queue}: not ready, ignored");
+                return;
+            }
+            None => {
+                tracing::debug!("virtio-mmio: notify of queue {queue}: no such queue, ignored");
+                return;
+            }
         }
         if let Err(e) = self.device.queue_notify(queue) {
             self.device_error(&format!("queue notify: {e}"));
