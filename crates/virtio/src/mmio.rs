@@ -125,6 +125,7 @@ where
         })
     }
 
+    /// The device model.
     pub fn device(&self) -> &D {
         &self.device
     }
