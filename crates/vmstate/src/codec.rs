@@ -201,6 +201,22 @@ pub trait VmStateField: Sized {
     const KIND: FieldKind;
     fn encode(&self, out: &mut Vec<u8>);
     fn decode(r: &mut Reader<'_>) -> Result<Self, VmStateError>;
+
+    /// Encode a sequence (a `Vec` field's elements); bytes override it with one copy.
+    fn encode_seq(items: &[Self], out: &mut Vec<u8>) {
+        for x in items {
+            x.encode(out);
+        }
+    }
+
+    /// Decode `len` elements; bytes override it with one bounds check and one copy.
+    fn decode_seq(r: &mut Reader<'_>, len: usize) -> Result<Vec<Self>, VmStateError> {
+        let mut v = Vec::with_capacity(len.min(r.remaining()));
+        for i in 0..len {
+            v.push(Self::decode(r).map_err(|e| e.in_index(i))?);
+        }
+        Ok(v)
+    }
 }
 
 macro_rules! int_field {
@@ -221,7 +237,25 @@ macro_rules! int_field {
     )*};
 }
 
-int_field!(u8 => U8, u16 => U16, u32 => U32, u64 => U64, i8 => I8, i16 => I16, i32 => I32, i64 => I64);
+int_field!(u16 => U16, u32 => U32, u64 => U64, i8 => I8, i16 => I16, i32 => I32, i64 => I64);
+
+impl VmStateField for u8 {
+    const KIND: FieldKind = FieldKind::U8;
+    #[inline]
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(*self);
+    }
+    #[inline]
+    fn decode(r: &mut Reader<'_>) -> Result<Self, VmStateError> {
+        r.u8()
+    }
+    fn encode_seq(items: &[Self], out: &mut Vec<u8>) {
+        out.extend_from_slice(items);
+    }
+    fn decode_seq(r: &mut Reader<'_>, len: usize) -> Result<Vec<Self>, VmStateError> {
+        r.bytes(len).map(<[u8]>::to_vec)
+    }
+}
 
 impl VmStateField for bool {
     const KIND: FieldKind = FieldKind::Bool;
@@ -259,19 +293,13 @@ impl<T: VmStateField, const N: usize> VmStateField for [T; N] {
 /// Write a vector with its `u32` length prefix.
 pub fn encode_vec<T: VmStateField>(v: &[T], out: &mut Vec<u8>) {
     (v.len() as u32).encode(out);
-    for x in v {
-        x.encode(out);
-    }
+    T::encode_seq(v, out);
 }
 
 /// Read a vector of at most `max` elements; capacity never exceeds `max` nor the input.
 pub fn decode_vec<T: VmStateField>(r: &mut Reader<'_>, max: u32) -> Result<Vec<T>, VmStateError> {
     let len = r.length(max)?;
-    let mut v = Vec::with_capacity(len.min(r.remaining()));
-    for i in 0..len {
-        v.push(T::decode(r).map_err(|e| e.in_index(i))?);
-    }
-    Ok(v)
+    T::decode_seq(r, len)
 }
 
 /// Write a string with its `u32` byte-length prefix.

@@ -75,7 +75,12 @@ fn decode_kind(kind: &FieldKind, r: &mut Reader<'_>) -> Result<Value, VmStateErr
         FieldKind::Array { len, elem } => decode_elems(elem, *len as usize, r)?,
         FieldKind::Vec { max_len, elem } => {
             let len = r.length(*max_len)?;
-            decode_elems(elem, len, r)?
+            if **elem == FieldKind::U8 {
+                // Same bulk read as the typed codec, hence the same errors.
+                Value::Array(r.bytes(len)?.iter().map(|b| Value::from(*b)).collect())
+            } else {
+                decode_elems(elem, len, r)?
+            }
         }
         FieldKind::String { max_len } => Value::String(crate::codec::decode_string(r, *max_len)?),
         FieldKind::Struct { vmsd } => {

@@ -1,0 +1,263 @@
+//! Status, statistics, downtime breakdown and cancellation, shared between the thread that
+//! runs a migration and the threads that watch it (QMP `query-migrate`, `migrate_cancel`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::transport::ShutdownHandle;
+
+/// Where a migration is, with QEMU's names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    #[default]
+    None,
+    Setup,
+    Active,
+    Device,
+    Completed,
+    Failed,
+    Cancelling,
+    Cancelled,
+}
+
+impl MigrationStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationStatus::None => "none",
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::Device => "device",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Cancelling => "cancelling",
+            MigrationStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        )
+    }
+}
+
+/// RAM counters, as QEMU's `query-migrate` reports them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    pub total: u64,
+    pub transferred: u64,
+    pub remaining: u64,
+    /// Zero pages (sent as markers).
+    pub duplicate: u64,
+    /// Pages sent with data.
+    pub normal: u64,
+    pub normal_bytes: u64,
+    pub mbps: f64,
+    pub dirty_sync_count: u64,
+    pub dirty_pages_rate: u64,
+}
+
+/// The source's side of the pause.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourcePhases {
+    /// Stopping the vCPUs.
+    pub pause_us: u64,
+    /// Last dirty pages (remote) — zero in local mode.
+    pub final_ram_us: u64,
+    /// Device `save` and early-state comparison.
+    pub device_save_us: u64,
+    /// Backend `export` and sending the fds.
+    pub fd_transfer_us: u64,
+    /// From END sent to RUNNING received.
+    pub wait_for_destination_us: u64,
+}
+
+/// The destination's side, sent back with RUNNING.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DestinationPhases {
+    /// From SWITCHOVER received to END received.
+    pub receive_us: u64,
+    pub early_finish_us: u64,
+    pub fd_adopt_us: u64,
+    pub device_load_us: u64,
+    /// Resuming the vCPUs.
+    pub resume_us: u64,
+}
+
+/// Where the pause went, both sides.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DowntimeReport {
+    /// From the source starting to pause to the destination reporting it runs.
+    pub downtime_us: u64,
+    pub source: SourcePhases,
+    pub destination: Option<DestinationPhases>,
+}
+
+impl DowntimeReport {
+    /// A human-readable breakdown.
+    pub fn render(&self) -> String {
+        let mut s = format!("downtime {:.3} ms\n", self.downtime_us as f64 / 1000.0);
+        let src = &self.source;
+        for (name, us) in [
+            ("source: pause vCPUs", src.pause_us),
+            ("source: final RAM", src.final_ram_us),
+            ("source: device save", src.device_save_us),
+            ("source: fd transfer", src.fd_transfer_us),
+            ("source: wait for destination", src.wait_for_destination_us),
+        ] {
+            s.push_str(&format!("  {name:<34} {:>9.3} ms\n", us as f64 / 1000.0));
+        }
+        if let Some(d) = &self.destination {
+            for (name, us) in [
+                ("destination: receive", d.receive_us),
+                ("destination: early-setup finish", d.early_finish_us),
+                ("destination: fd adopt", d.fd_adopt_us),
+                ("destination: device load", d.device_load_us),
+                ("destination: resume vCPUs", d.resume_us),
+            ] {
+                s.push_str(&format!("  {name:<34} {:>9.3} ms\n", us as f64 / 1000.0));
+            }
+        }
+        s
+    }
+}
+
+/// A `query-migrate` answer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    pub status: MigrationStatus,
+    pub total_time: Option<u64>,
+    pub setup_time: Option<u64>,
+    pub downtime: Option<u64>,
+    pub ram: Option<RamStats>,
+    pub error_desc: Option<String>,
+    pub downtime_report: Option<DowntimeReport>,
+}
+
+type StatusListener = Box<dyn Fn(MigrationStatus) + Send + Sync>;
+
+struct Shared {
+    info: MigrationInfo,
+    shutdown: Vec<ShutdownHandle>,
+    started: Option<Instant>,
+    listener: Option<StatusListener>,
+}
+
+/// A handle on one migration (source or destination): status, stats, cancel.
+#[derive(Clone)]
+pub struct MigrationMonitor {
+    shared: Arc<Mutex<Shared>>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Default for MigrationMonitor {
+    fn default() -> Self {
+        MigrationMonitor {
+            shared: Arc::new(Mutex::new(Shared {
+                info: MigrationInfo::default(),
+                shutdown: Vec::new(),
+                started: None,
+                listener: None,
+            })),
+            cancelled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl MigrationMonitor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic elsewhere must not stop status queries: take the data as it is.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called on every status change (QMP MIGRATION events).
+    pub fn on_status(&self, f: impl Fn(MigrationStatus) + Send + Sync + 'static) {
+        self.lock().listener = Some(Box::new(f));
+    }
+
+    /// The current `query-migrate` view.
+    pub fn info(&self) -> MigrationInfo {
+        let s = self.lock();
+        let mut info = s.info.clone();
+        if let (Some(t0), false) = (s.started, info.status.is_finished()) {
+            info.total_time = Some(t0.elapsed().as_millis() as u64);
+        }
+        info
+    }
+
+    pub fn status(&self) -> MigrationStatus {
+        self.lock().info.status
+    }
+
+    /// Ask the migration to stop: the source resumes, the destination discards. Has no
+    /// effect once the destination reported running.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        let s = self.lock();
+        if !s.info.status.is_finished() {
+            for h in &s.shutdown {
+                h.shutdown();
+            }
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn cancel_flag(&self) -> &AtomicBool {
+        &self.cancelled
+    }
+
+    pub(crate) fn set_status(&self, status: MigrationStatus) {
+        let mut s = self.lock();
+        if s.info.status == status {
+            return;
+        }
+        if status == MigrationStatus::Setup {
+            s.started = Some(Instant::now());
+        }
+        if status.is_finished() {
+            s.info.total_time = s.started.map(|t| t.elapsed().as_millis() as u64);
+            s.shutdown.clear();
+        }
+        s.info.status = status;
+        if let Some(l) = &s.listener {
+            l(status);
+        }
+    }
+
+    pub(crate) fn add_shutdown(&self, h: Option<ShutdownHandle>) {
+        if let Some(h) = h {
+            let mut s = self.lock();
+            if self.is_cancelled() {
+                h.shutdown();
+            }
+            s.shutdown.push(h);
+        }
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
+        f(&mut self.lock().info);
+    }
+
+    pub(crate) fn fail(&self, e: &crate::MigrationError) {
+        self.update(|i| i.error_desc = Some(e.to_string()));
+        self.set_status(if e.is_cancel() {
+            MigrationStatus::Cancelled
+        } else {
+            MigrationStatus::Failed
+        });
+    }
+}

@@ -1,0 +1,396 @@
+//! Channels: a byte transport (UNIX socket, TCP socket or snapshot file) that moves framed
+//! sections, and on UNIX sockets fds with them.
+//!
+//! Reading never runs ahead of the section being parsed: on a UNIX socket every read is a
+//! `recvmsg` for exactly the bytes still missing, so fds sent with a section (attached by
+//! the kernel to that section's first byte) arrive with that section and no other. Fds that
+//! arrive with a section that carries none are an error, and are closed.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::error::StreamError;
+use crate::protocol::{
+    encode_section_header, footer, ChannelHeader, SectionType, FOOTER_MAGIC, MAX_SECTION_FDS,
+    MAX_SECTION_LEN, SECTION_HEADER_LEN,
+};
+
+/// The byte transport under a channel.
+#[derive(Debug)]
+pub enum Transport {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+    FileWriter(BufWriter<File>),
+    FileReader(BufReader<File>),
+}
+
+impl Transport {
+    /// Whether fds can travel on it.
+    pub fn carries_fds(&self) -> bool {
+        matches!(self, Transport::Unix(_))
+    }
+
+    /// `"unix"`, `"tcp"` or `"file"`, as named in the handshake.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Transport::Unix(_) => "unix",
+            Transport::Tcp(_) => "tcp",
+            Transport::FileWriter(_) | Transport::FileReader(_) => "file",
+        }
+    }
+
+    /// A handle that can interrupt blocked I/O from another thread (cancel).
+    pub fn shutdown_handle(&self) -> Option<ShutdownHandle> {
+        match self {
+            Transport::Unix(s) => s.try_clone().ok().map(ShutdownHandle::Unix),
+            Transport::Tcp(s) => s.try_clone().ok().map(ShutdownHandle::Tcp),
+            _ => None,
+        }
+    }
+}
+
+/// Shuts a socket down from another thread, so blocked reads and writes return.
+#[derive(Debug)]
+pub enum ShutdownHandle {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        let _ = match self {
+            ShutdownHandle::Unix(s) => s.shutdown(Shutdown::Both),
+            ShutdownHandle::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+/// One received section.
+#[derive(Debug)]
+pub struct Section {
+    pub ty: SectionType,
+    pub seq: u32,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// A channel: transport plus per-direction section counters.
+#[derive(Debug)]
+pub struct Channel {
+    name: String,
+    io: Transport,
+    send_seq: u32,
+    recv_seq: u32,
+    fds: Vec<OwnedFd>,
+    bytes_sent: u64,
+}
+
+impl Channel {
+    pub fn new(name: impl Into<String>, io: Transport) -> Self {
+        if let Transport::Tcp(s) = &io {
+            let _ = s.set_nodelay(true);
+        }
+        Channel {
+            name: name.into(),
+            io,
+            send_seq: 0,
+            recv_seq: 0,
+            fds: Vec::new(),
+            bytes_sent: 0,
+        }
+    }
+
+    /// The same channel under another name (once its header told what it is).
+    pub fn renamed(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sequence number of the last section received.
+    pub fn last_recv_seq(&self) -> u32 {
+        self.recv_seq.wrapping_sub(1)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.io
+    }
+
+    pub fn transport_mut(&mut self) -> &mut Transport {
+        &mut self.io
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    fn io_err(&self, context: &str, source: std::io::Error) -> StreamError {
+        if matches!(
+            source.kind(),
+            ErrorKind::UnexpectedEof
+                | ErrorKind::BrokenPipe
+                | ErrorKind::ConnectionReset
+                | ErrorKind::NotConnected
+        ) {
+            StreamError::Closed {
+                channel: self.name.clone(),
+                context: context.to_owned(),
+            }
+        } else {
+            StreamError::Io {
+                channel: self.name.clone(),
+                context: context.to_owned(),
+                source,
+            }
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8], context: &str) -> Result<(), StreamError> {
+        let r = match &mut self.io {
+            Transport::Unix(s) => s.write_all(buf),
+            Transport::Tcp(s) => s.write_all(buf),
+            Transport::FileWriter(f) => f.write_all(buf),
+            Transport::FileReader(_) => Err(std::io::Error::other("channel is read-only")),
+        };
+        r.map_err(|e| self.io_err(context, e))?;
+        self.bytes_sent += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Fill `buf` exactly, collecting fds that arrive on a UNIX socket.
+    fn read_exact(&mut self, buf: &mut [u8], context: &str) -> Result<(), StreamError> {
+        let r = match &mut self.io {
+            Transport::Unix(s) => recv_exact_with_fds(s, buf, &mut self.fds),
+            Transport::Tcp(s) => s.read_exact(buf),
+            Transport::FileReader(f) => f.read_exact(buf),
+            Transport::FileWriter(_) => Err(std::io::Error::other("channel is write-only")),
+        };
+        r.map_err(|e| self.io_err(context, e))
+    }
+
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        if let Transport::FileWriter(f) = &mut self.io {
+            let r = f.flush().and_then(|_| f.get_ref().sync_data());
+            r.map_err(|e| self.io_err("flush", e))?;
+        }
+        Ok(())
+    }
+
+    pub fn write_header(&mut self, h: &ChannelHeader) -> Result<(), StreamError> {
+        self.write_all(&h.encode(), "writing the channel header")
+    }
+
+    pub fn read_header(&mut self) -> Result<ChannelHeader, StreamError> {
+        let mut b = [0u8; ChannelHeader::LEN];
+        self.read_exact(&mut b, "reading the channel header")?;
+        if !self.fds.is_empty() {
+            let count = self.fds.len();
+            self.fds.clear();
+            return Err(StreamError::BadChannelHeader(format!(
+                "{count} fds arrived with the channel header"
+            )));
+        }
+        ChannelHeader::decode(&b)
+    }
+
+    /// Send one section; `fds` ride with its first byte (UNIX sockets only).
+    pub fn send(
+        &mut self,
+        ty: SectionType,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<(), StreamError> {
+        let seq = self.send_seq;
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|l| *l <= MAX_SECTION_LEN)
+            .ok_or_else(|| StreamError::TooLong {
+                channel: self.name.clone(),
+                seq,
+                ty: ty.to_string(),
+                len: payload.len().min(u32::MAX as usize) as u32,
+                max: MAX_SECTION_LEN,
+            })?;
+        let header = encode_section_header(ty, seq, len);
+        let ctx = format!("sending section #{seq} {ty}");
+        if fds.is_empty() {
+            self.write_all(&header, &ctx)?;
+        } else {
+            let Transport::Unix(s) = &self.io else {
+                return Err(StreamError::BadPayload {
+                    channel: self.name.clone(),
+                    seq,
+                    ty: ty.to_string(),
+                    reason: format!("cannot send fds over {}", self.io.kind_name()),
+                });
+            };
+            let n = s
+                .send_with_fds(&[&header[..]], fds)
+                .map_err(|e| self.io_err(&ctx, std::io::Error::from_raw_os_error(e.errno())))?;
+            self.bytes_sent += n as u64;
+            let rest = header[n..].to_vec();
+            self.write_all(&rest, &ctx)?;
+        }
+        self.write_all(payload, &ctx)?;
+        self.write_all(&footer(seq), &ctx)?;
+        self.send_seq = self.send_seq.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Receive the next section, checking type, order, length and footer.
+    pub fn recv(&mut self) -> Result<Section, StreamError> {
+        let seq_expected = self.recv_seq;
+        let mut h = [0u8; SECTION_HEADER_LEN];
+        self.read_exact(&mut h, &format!("reading section #{seq_expected}"))?;
+        let fds = std::mem::take(&mut self.fds);
+        let seq = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
+        let len = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
+        let ty = SectionType::from_u8(h[0]).ok_or_else(|| StreamError::UnknownSection {
+            channel: self.name.clone(),
+            seq,
+            ty: h[0],
+        })?;
+        if seq != seq_expected {
+            return Err(StreamError::OutOfOrder {
+                channel: self.name.clone(),
+                expected: seq_expected,
+                got: seq,
+            });
+        }
+        if len > MAX_SECTION_LEN {
+            return Err(StreamError::TooLong {
+                channel: self.name.clone(),
+                seq,
+                ty: ty.to_string(),
+                len,
+                max: MAX_SECTION_LEN,
+            });
+        }
+        let ctx = format!("reading section #{seq} {ty}");
+        let mut payload = vec![0u8; len as usize];
+        self.read_exact(&mut payload, &ctx)?;
+        let mut f = [0u8; 4];
+        self.read_exact(&mut f, &ctx)?;
+        let got = u32::from_le_bytes(f);
+        if got != FOOTER_MAGIC ^ seq {
+            return Err(StreamError::BadFooter {
+                channel: self.name.clone(),
+                seq,
+                ty: ty.to_string(),
+                got,
+                expected: FOOTER_MAGIC ^ seq,
+            });
+        }
+        if !self.fds.is_empty() {
+            let count = self.fds.len();
+            self.fds.clear();
+            return Err(StreamError::UnexpectedFds {
+                channel: self.name.clone(),
+                seq,
+                ty: ty.to_string(),
+                count,
+            });
+        }
+        self.recv_seq = self.recv_seq.wrapping_add(1);
+        Ok(Section {
+            ty,
+            seq,
+            payload,
+            fds,
+        })
+    }
+
+    /// Receive a section that must be of type `want` and carry no fds.
+    pub fn recv_expect(&mut self, want: SectionType) -> Result<Section, StreamError> {
+        let s = self.recv()?;
+        self.expect(&s, &[want])?;
+        Ok(s)
+    }
+
+    /// Fail unless `s` is one of `want`, and refuse fds on sections that carry none.
+    pub fn expect(&self, s: &Section, want: &[SectionType]) -> Result<(), StreamError> {
+        if !want.contains(&s.ty) {
+            let expected = want
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(" or ");
+            return Err(StreamError::Unexpected {
+                channel: self.name.clone(),
+                seq: s.seq,
+                expected,
+                got: s.ty.to_string(),
+            });
+        }
+        if !s.fds.is_empty() && !matches!(s.ty, SectionType::Backend | SectionType::RamMemfds) {
+            return Err(StreamError::UnexpectedFds {
+                channel: self.name.clone(),
+                seq: s.seq,
+                ty: s.ty.to_string(),
+                count: s.fds.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A payload error at section `s`.
+    pub fn bad_payload(&self, s: &Section, reason: impl Into<String>) -> StreamError {
+        StreamError::BadPayload {
+            channel: self.name.clone(),
+            seq: s.seq,
+            ty: s.ty.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A state decode error at section `s`.
+    pub fn bad_state(&self, s: &Section, e: baton_vmstate::VmStateError) -> StreamError {
+        StreamError::BadState {
+            channel: self.name.clone(),
+            seq: s.seq,
+            ty: s.ty.to_string(),
+            source: e,
+        }
+    }
+}
+
+fn recv_exact_with_fds(
+    s: &UnixStream,
+    mut buf: &mut [u8],
+    out: &mut Vec<OwnedFd>,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let mut fds: [RawFd; MAX_SECTION_FDS] = [-1; MAX_SECTION_FDS];
+        // SAFETY: the iovec points into `buf`, valid for its length; fds is a plain array.
+        let r = unsafe { s.recv_with_fds(&mut iov, &mut fds) };
+        let (n, nfds) = match r {
+            Ok(x) => x,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())),
+        };
+        for &fd in &fds[..nfds] {
+            // SAFETY: the kernel just installed this fd for us; nobody else owns it.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: F_SETFD on an fd we own; FD_CLOEXEC is per fd, not per file.
+            unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+            out.push(owned);
+        }
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+    }
+    Ok(())
+}
