@@ -21,7 +21,9 @@
 //! parked, VM teardown is slow).
 
 pub mod boot;
+pub mod control;
 pub mod error;
+pub mod live;
 pub mod memory;
 pub mod mmio;
 pub mod state;

@@ -257,6 +257,49 @@ impl Vm {
         state::set_vm_state(&self.vm, s)
     }
 
+    /// Whether [`Self::start`] ran (the vCPU threads exist).
+    pub fn is_started(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    /// Turns KVM dirty-page logging on or off for every RAM slot.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<()> {
+        for (slot, r) in self.ram.regions().iter().enumerate() {
+            let host = self
+                .ram
+                .host_addr(slot)
+                .ok_or_else(|| Error::Memory(format!("region {r:?} is not mapped")))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: if on {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: r.guest_addr,
+                memory_size: r.size,
+                userspace_addr: host,
+            };
+            // SAFETY: the same mapping as registered at build time, still owned by `ram`.
+            unsafe { self.vm.set_user_memory_region(region) }
+                .map_err(kvm_err(format!("dirty logging on slot {slot}")))?;
+        }
+        Ok(())
+    }
+
+    /// The pages of RAM slot `slot` written by the guest since the last call (KVM clears
+    /// the log as it returns it); bit `n` of word `w` is page `64 w + n` of the slot.
+    pub fn dirty_bitmap(&self, slot: usize) -> Result<Vec<u64>> {
+        let r = self
+            .ram
+            .regions()
+            .get(slot)
+            .ok_or_else(|| Error::Memory(format!("no RAM slot {slot}")))?;
+        self.vm
+            .get_dirty_log(slot as u32, r.size as usize)
+            .map_err(kvm_err(format!("KVM_GET_DIRTY_LOG slot {slot}")))
+    }
+
     /// Guest RAM (its memfd and layout).
     pub fn ram(&self) -> &GuestRam {
         &self.ram

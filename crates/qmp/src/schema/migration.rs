@@ -126,6 +126,9 @@ pub enum MigrationCapability {
     /// baton: hand open device backends (TAP, vhost-user, VFIO fds) to the destination
     /// over SCM_RIGHTS. Needs a channel that can carry fds.
     BackendTransfer,
+    /// baton: send devices' early-setup state while the source still runs, so the
+    /// destination prepares before switchover.
+    EarlySetup,
 }
 
 /// One capability and its state.
