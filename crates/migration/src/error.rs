@@ -16,6 +16,8 @@ pub enum StreamError {
     },
     #[error("{channel}: peer closed the channel {context}")]
     Closed { channel: String, context: String },
+    #[error("{channel}: the file ends {context}")]
+    Truncated { channel: String, context: String },
     #[error("channel header: {0}")]
     BadChannelHeader(String),
     #[error("{channel}: section #{seq}: unknown section type {ty}")]
@@ -94,6 +96,11 @@ pub enum MigrationError {
     Vm(String),
     #[error("guest RAM: {0}")]
     Ram(String),
+    /// The source sent GO but never heard RUNNING or ERROR back: the destination may run.
+    /// The source stays paused with its backends exported; only whoever can tell that the
+    /// destination does not run may resume it.
+    #[error("the destination was told to run but did not confirm ({0}); the source stays paused")]
+    Unconfirmed(String),
 }
 
 impl MigrationError {

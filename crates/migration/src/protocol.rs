@@ -25,11 +25,22 @@
 //!        DEVICE_STATE per device
 //!        BACKEND per transferring device + fds    --->  finish early, adopt, load
 //!        END
-//!        SCHEMA (JSON trailer)                    --->  resume vCPUs
+//!        SCHEMA (JSON trailer)                    --->  everything loaded
+//!                                                 <---  READY
+//!  -- commit: cancel has no effect from here --
+//!        GO                                       --->  resume vCPUs
 //!                                                 <---  RUNNING (destination timings)
 //!  -- release backends, exit --
 //! any time:                                       <---  ERROR (text)   -> source resumes
 //! ```
+//!
+//! READY/GO is a two-phase commit. Without it a source cancelled (or failing) after its
+//! last byte would resume while the destination, holding the complete stream, resumed
+//! too: two guests on one disk and, in local mode, one RAM. Now the destination resumes
+//! only on GO, and the source sends GO only if nobody cancelled it first. The destination
+//! sends ERROR only while it has not resumed, so an ERROR after GO still lets the source
+//! resume; a connection lost between GO and RUNNING leaves the outcome unknown, and the
+//! source then stays paused (`MigrationError::Unconfirmed`).
 //!
 //! A snapshot file is the same stream with no return path and no fds: header, HANDSHAKE,
 //! RAM_PAGES of every page, the device sections, END, SCHEMA.
@@ -152,6 +163,8 @@ section_types! {
     Schema = 14, "SCHEMA";
     Running = 15, "RUNNING";
     Error = 16, "ERROR";
+    Ready = 17, "READY";
+    Go = 18, "GO";
 }
 
 impl std::fmt::Display for SectionType {

@@ -145,7 +145,12 @@ type StatusListener = Box<dyn Fn(MigrationStatus) + Send + Sync>;
 
 struct Shared {
     info: MigrationInfo,
-    shutdown: Vec<ShutdownHandle>,
+    /// Sockets to stop on cancel; `true` stops reading only (the destination, which
+    /// still tells the source why).
+    shutdown: Vec<(ShutdownHandle, bool)>,
+    /// Past the point of no return (the source sent GO, the destination resumed):
+    /// cancel does nothing any more.
+    committed: bool,
     started: Option<Instant>,
     listener: Option<StatusListener>,
 }
@@ -163,6 +168,7 @@ impl Default for MigrationMonitor {
             shared: Arc::new(Mutex::new(Shared {
                 info: MigrationInfo::default(),
                 shutdown: Vec::new(),
+                committed: false,
                 started: None,
                 listener: None,
             })),
@@ -201,15 +207,31 @@ impl MigrationMonitor {
     }
 
     /// Ask the migration to stop: the source resumes, the destination discards. Has no
-    /// effect once the destination reported running.
+    /// effect once the migration is committed (the source told the destination to run,
+    /// or the destination resumed) or finished.
     pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::SeqCst);
         let s = self.lock();
-        if !s.info.status.is_finished() {
-            for h in &s.shutdown {
+        if s.committed || s.info.status.is_finished() {
+            return;
+        }
+        self.cancelled.store(true, Ordering::SeqCst);
+        for (h, read_only) in &s.shutdown {
+            if *read_only {
+                h.shutdown_read();
+            } else {
                 h.shutdown();
             }
         }
+    }
+
+    /// Pass the point of no return unless cancelled first; false when cancelled.
+    pub(crate) fn commit(&self) -> bool {
+        let mut s = self.lock();
+        if self.is_cancelled() {
+            return false;
+        }
+        s.committed = true;
+        true
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -239,12 +261,25 @@ impl MigrationMonitor {
     }
 
     pub(crate) fn add_shutdown(&self, h: Option<ShutdownHandle>) {
+        self.add_shutdown_how(h, false);
+    }
+
+    /// Cancel stops reading from this socket but leaves it open for a last message.
+    pub(crate) fn add_shutdown_read(&self, h: Option<ShutdownHandle>) {
+        self.add_shutdown_how(h, true);
+    }
+
+    fn add_shutdown_how(&self, h: Option<ShutdownHandle>, read_only: bool) {
         if let Some(h) = h {
             let mut s = self.lock();
             if self.is_cancelled() {
-                h.shutdown();
+                if read_only {
+                    h.shutdown_read();
+                } else {
+                    h.shutdown();
+                }
             }
-            s.shutdown.push(h);
+            s.shutdown.push((h, read_only));
         }
     }
 

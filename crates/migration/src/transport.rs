@@ -62,10 +62,21 @@ pub enum ShutdownHandle {
 }
 
 impl ShutdownHandle {
+    /// Stop both directions: blocked reads and writes return.
     pub fn shutdown(&self) {
+        self.shutdown_how(Shutdown::Both);
+    }
+
+    /// Stop reading only: a blocked read returns end-of-stream, while the side that
+    /// stopped can still send the peer its reason (the destination's ERROR).
+    pub fn shutdown_read(&self) {
+        self.shutdown_how(Shutdown::Read);
+    }
+
+    fn shutdown_how(&self, how: Shutdown) {
         let _ = match self {
-            ShutdownHandle::Unix(s) => s.shutdown(Shutdown::Both),
-            ShutdownHandle::Tcp(s) => s.shutdown(Shutdown::Both),
+            ShutdownHandle::Unix(s) => s.shutdown(how),
+            ShutdownHandle::Tcp(s) => s.shutdown(how),
         };
     }
 }
@@ -86,6 +97,8 @@ pub struct Channel {
     io: Transport,
     send_seq: u32,
     recv_seq: u32,
+    /// Type of the last section received, named when the next one is cut.
+    last_recv: Option<SectionType>,
     fds: Vec<OwnedFd>,
     bytes_sent: u64,
 }
@@ -100,6 +113,7 @@ impl Channel {
             io,
             send_seq: 0,
             recv_seq: 0,
+            last_recv: None,
             fds: Vec::new(),
             bytes_sent: 0,
         }
@@ -118,6 +132,11 @@ impl Channel {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether this channel is a snapshot file (no return path).
+    pub fn is_file(&self) -> bool {
+        matches!(self.io, Transport::FileReader(_) | Transport::FileWriter(_))
     }
 
     pub fn transport(&self) -> &Transport {
@@ -140,9 +159,16 @@ impl Channel {
                 | ErrorKind::ConnectionReset
                 | ErrorKind::NotConnected
         ) {
-            StreamError::Closed {
-                channel: self.name.clone(),
-                context: context.to_owned(),
+            if matches!(self.io, Transport::FileReader(_)) {
+                StreamError::Truncated {
+                    channel: self.name.clone(),
+                    context: context.to_owned(),
+                }
+            } else {
+                StreamError::Closed {
+                    channel: self.name.clone(),
+                    context: context.to_owned(),
+                }
             }
         } else {
             StreamError::Io {
@@ -249,7 +275,14 @@ impl Channel {
     pub fn recv(&mut self) -> Result<Section, StreamError> {
         let seq_expected = self.recv_seq;
         let mut h = [0u8; SECTION_HEADER_LEN];
-        self.read_exact(&mut h, &format!("reading section #{seq_expected}"))?;
+        let ctx = match self.last_recv {
+            Some(ty) => format!(
+                "reading section #{seq_expected} (after #{} {ty})",
+                seq_expected.wrapping_sub(1)
+            ),
+            None => format!("reading section #{seq_expected} (the first)"),
+        };
+        self.read_exact(&mut h, &ctx)?;
         let fds = std::mem::take(&mut self.fds);
         let seq = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
         let len = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
@@ -300,6 +333,7 @@ impl Channel {
             });
         }
         self.recv_seq = self.recv_seq.wrapping_add(1);
+        self.last_recv = Some(ty);
         Ok(Section {
             ty,
             seq,

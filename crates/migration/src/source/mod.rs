@@ -4,6 +4,8 @@
 //! failure or cancel at any point resumes exported backends and then the vCPUs, and the
 //! guest carries on as if nothing had happened.
 
+mod ram_phase;
+
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use baton_qdev::Migratable;
 use baton_vmstate::VmState;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::error::MigrationError;
 use crate::handshake::{DeviceOffer, Hello, MigrationMode, Reply, SchemaVersion};
@@ -19,8 +21,7 @@ use crate::payload::{
     BackendBlob, DeviceBlob, DeviceSchema, EarlyFinal, FdRole, RamMemfds, SchemaTrailer,
 };
 use crate::protocol::{ChannelHeader, ChannelKind, SectionType, PAGE_SIZE, PROTOCOL_VERSION};
-use crate::ram::{count_pages, empty_bitmaps, full_bitmaps, DirtyLog, GuestRam};
-use crate::ram_send::{send_pass, RateLimiter};
+use crate::ram::{DirtyLog, GuestRam};
 use crate::report::{DowntimeReport, MigrationMonitor, MigrationStatus, RamStats, SourcePhases};
 use crate::transport::{Channel, Transport};
 use crate::{micros, new_session_id, MigrationSettings, Target, VmControl};
@@ -40,7 +41,8 @@ pub struct MigrationOutcome {
     pub ram: RamStats,
 }
 
-/// Migrate (or snapshot) `vm` to `target`. On error the VM runs as before.
+/// Migrate (or snapshot) `vm` to `target`. On error the VM runs as before, except after
+/// [`MigrationError::Unconfirmed`] (the destination may run): then it stays paused.
 pub fn migrate(
     target: &Target,
     settings: &MigrationSettings,
@@ -78,8 +80,14 @@ pub fn migrate(
             if monitor.is_cancelled() {
                 monitor.set_status(MigrationStatus::Cancelling);
             }
-            run.roll_back(&mut vm);
-            warn!(error = %e, "migration failed; source resumed");
+            if matches!(e, MigrationError::Unconfirmed(_)) {
+                // The destination may run: resuming here could run the guest twice.
+                vm.dirty_log.stop();
+                warn!(error = %e, "migration unconfirmed; source stays paused");
+            } else {
+                run.roll_back(&mut vm);
+                warn!(error = %e, "migration failed; source resumed");
+            }
             monitor.fail(&e);
             Err(e)
         }
@@ -323,93 +331,7 @@ impl SourceRun<'_> {
         self.monitor.update(|i| i.setup_time = Some(setup_ms));
         self.check_cancel()?;
 
-        // RAM.
-        self.ram_stats.total = layout.total_bytes();
-        let limiter = RateLimiter::new(s.parameters.max_bandwidth);
-        let cancel = self.monitor.cancel_flag();
-        match s.mode {
-            MigrationMode::Remote => {
-                self.monitor.set_status(MigrationStatus::Active);
-                vm.dirty_log.start().map_err(MigrationError::Ram)?;
-                let mut dirty = full_bitmaps(&layout);
-                let limit = Duration::from_millis(s.parameters.downtime_limit);
-                loop {
-                    let t = Instant::now();
-                    let sent = send_pass(
-                        main,
-                        &mut ram_chans,
-                        vm.ram,
-                        &layout,
-                        &dirty,
-                        &limiter,
-                        cancel,
-                    )?;
-                    self.account(&sent, t.elapsed());
-                    dirty = empty_bitmaps(&layout);
-                    vm.dirty_log
-                        .collect(&mut dirty)
-                        .map_err(MigrationError::Ram)?;
-                    self.ram_stats.dirty_sync_count += 1;
-                    let remaining = count_pages(&dirty) * PAGE_SIZE;
-                    let bw = self.bandwidth_bytes_per_sec();
-                    self.ram_stats.remaining = remaining;
-                    self.ram_stats.dirty_pages_rate =
-                        (count_pages(&dirty) as f64 / t.elapsed().as_secs_f64().max(1e-6)) as u64;
-                    self.monitor
-                        .update(|i| i.ram = Some(self.ram_stats.clone()));
-                    let fits = (remaining as f64) <= bw * limit.as_secs_f64();
-                    if fits
-                        || self.ram_stats.dirty_sync_count >= u64::from(s.parameters.max_iterations)
-                    {
-                        info!(
-                            remaining,
-                            iterations = self.ram_stats.dirty_sync_count,
-                            fits,
-                            "switching over"
-                        );
-                        break;
-                    }
-                    main.send(SectionType::RamIterationEnd, &[], &[])?;
-                    self.check_cancel()?;
-                }
-                self.pause(vm)?;
-                let t = Instant::now();
-                vm.dirty_log
-                    .collect(&mut dirty)
-                    .map_err(MigrationError::Ram)?;
-                vm.dirty_log.stop();
-                let sent = send_pass(
-                    main,
-                    &mut ram_chans,
-                    vm.ram,
-                    &layout,
-                    &dirty,
-                    &limiter,
-                    cancel,
-                )?;
-                self.account(&sent, t.elapsed());
-                for ch in &mut ram_chans {
-                    ch.send(SectionType::RamEos, &[], &[])?;
-                }
-                self.phases.final_ram_us = micros(t.elapsed());
-            }
-            MigrationMode::Snapshot => {
-                self.pause(vm)?;
-                let t = Instant::now();
-                let sent = send_pass(
-                    main,
-                    &mut [],
-                    vm.ram,
-                    &layout,
-                    &full_bitmaps(&layout),
-                    &limiter,
-                    cancel,
-                )?;
-                self.account(&sent, t.elapsed());
-                self.phases.final_ram_us = micros(t.elapsed());
-            }
-            MigrationMode::Local => self.pause(vm)?,
-        }
+        self.ram_phase(main, &mut ram_chans, vm, &layout)?;
         self.monitor.set_status(MigrationStatus::Device);
         main.send(SectionType::Switchover, &[], &[])?;
 
@@ -478,11 +400,15 @@ impl SourceRun<'_> {
             None
         } else {
             let t = Instant::now();
-            let running = self.recv_return(main, SectionType::Running)?;
+            self.recv_return(main, SectionType::Ready)?;
+            // The point of no return: from here a cancel is ignored.
+            if !self.monitor.commit() {
+                return Err(MigrationError::Cancelled);
+            }
+            main.send(SectionType::Go, &[], &[])?;
+            let d = self.await_running(main)?;
             self.phases.wait_for_destination_us = micros(t.elapsed());
-            let d = serde_json::from_slice(&running.payload)
-                .map_err(|e| main.bad_payload(&running, format!("invalid JSON: {e}")))?;
-            Some(d)
+            d
         };
         let downtime_us = self.paused_at.map(|t| micros(t.elapsed())).unwrap_or(0);
         // The destination runs: the backends are its own now.
@@ -540,6 +466,34 @@ impl SourceRun<'_> {
         }
         main.expect(&s, &[want])?;
         Ok(s)
+    }
+
+    /// After GO: RUNNING (with the destination's timings), or ERROR, which the destination
+    /// sends only while it has not resumed. Anything else leaves the outcome unknown.
+    fn await_running(
+        &self,
+        main: &mut Channel,
+    ) -> Result<Option<crate::report::DestinationPhases>, MigrationError> {
+        let s = main
+            .recv()
+            .map_err(|e| MigrationError::Unconfirmed(e.to_string()))?;
+        match s.ty {
+            SectionType::Running => match serde_json::from_slice(&s.payload) {
+                Ok(d) => Ok(Some(d)),
+                Err(e) => {
+                    warn!(error = %e, "RUNNING without readable timings");
+                    Ok(None)
+                }
+            },
+            SectionType::Error => Err(MigrationError::DestinationFailed(
+                String::from_utf8_lossy(&s.payload).into_owned(),
+            )),
+            other => Err(MigrationError::Unconfirmed(format!(
+                "{}: section #{}: expected RUNNING or ERROR, got {other}",
+                main.name(),
+                s.seq
+            ))),
+        }
     }
 
     /// Undo everything: backends back into use, then the vCPUs.
