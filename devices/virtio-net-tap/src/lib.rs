@@ -1,8 +1,11 @@
-//! virtio-net with a TAP backend.
+//! virtio-net with a TAP backend, born migratable.
 //!
-//! The device (emulation, TAP backend, migration) lands in `device.rs`, `backend.rs`
-//! and `migration.rs`; its property schema is here first so machine-type compat tables
-//! can be written and validated against it.
+//! - `backend`: the multi-queue TAP (open by name, or adopt handed-over fds as they are).
+//! - `device`: the virtio-net model (`VirtioNet`, a `baton_virtio::VirtioDevice`).
+//! - `handle`: [`VirtioNetTap`], the device as a VMM holds it (MMIO, ioeventfds, TAP
+//!   readiness, quiesce/resume), and `worker`: [`NetWorker`], an optional event loop.
+//! - `migration`: the `Migratable` impl (state, early setup, TAP backend transfer).
+//! - `props`: the property schema.
 //!
 //! A VMM registers the type and reads a device's configuration from its resolved
 //! properties:
@@ -19,6 +22,16 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod backend;
+pub mod device;
+mod handle;
+pub mod migration;
 pub mod props;
+mod worker;
 
+pub use backend::{BackendError, Tap, TapQueue};
+pub use device::{NetStats, VirtioNet};
+pub use handle::{BackendMode, NetError, NetTransport, VirtioNetTap};
+pub use migration::{HeldFrame, NetEarly, NetState, TapMeta};
 pub use props::{device_type, ConfigError, VirtioNetTapConfig, VIRTIO_NET_TAP};
+pub use worker::NetWorker;
