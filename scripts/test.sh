@@ -15,6 +15,11 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
 fi
 
+if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
+    echo "== installing qemu.qmp (PyPI) for the QMP compatibility tests"
+    python3 -m pip install --quiet qemu.qmp==0.0.6
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

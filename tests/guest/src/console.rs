@@ -31,6 +31,8 @@ pub const EXIT_BAD_BOOT: u32 = 1;
 pub const EXIT_BAD_OPTION: u32 = 2;
 pub const EXIT_BAD_REGION: u32 = 3;
 pub const EXIT_PANIC: u32 = 4;
+/// The final check found pages whose count is wrong (lost or rolled back).
+pub const EXIT_PAGE_LOST: u32 = 5;
 /// A CPU exception: 0x100 + vector.
 pub const EXIT_FAULT: u32 = 0x100;
 

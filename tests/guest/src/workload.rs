@@ -114,13 +114,31 @@ pub fn run(cpu: usize, cfg: &Config, memmap: &[MemmapEntry]) -> ! {
             break;
         }
     }
+    // Every page was incremented exactly `pass` times from zero: a page lost or rolled
+    // back by a migration shows up here.
+    let want = pass as u8;
+    let mut bad: u64 = 0;
+    let mut p = start as *const u8;
+    for _ in 0..pages {
+        // SAFETY: as above.
+        unsafe {
+            if p.read_volatile() != want {
+                bad += 1;
+            }
+            p = p.add(PAGE as usize);
+        }
+    }
     say!(
-        "done cpu={} pass={} ticks={} tsc={}",
+        "done cpu={} pass={} ticks={} tsc={} bad={}",
         cpu,
         pass,
         boot::ticks(),
-        rdtsc()
+        rdtsc(),
+        bad
     );
+    if bad != 0 {
+        console::exit(console::EXIT_PAGE_LOST);
+    }
     DONE.fetch_add(1, Ordering::AcqRel);
     if cpu != 0 {
         boot::halt_forever();
