@@ -13,6 +13,9 @@
 //! * `baton.region=SIZE` — bytes of RAM each vCPU dirties (default 16M).
 //! * `baton.report_ms=N` — status line period in ms (default 100, rounded to 10 ms ticks).
 //! * `baton.passes=N` — stop after N passes (default 0: run until the host stops us).
+//! * `baton.net=off|echo|seq` — vCPU 0 drives the first virtio-net device instead of
+//!   the memory workload (see `virtio_net`); `baton.net_rate=N` frames per 10 ms tick
+//!   (default 10), `baton.net_count=N` frames then exit (default 0: forever).
 
 /// Where status lines go.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -29,6 +32,14 @@ pub struct VirtioMmio {
     pub irq: u32,
 }
 
+/// What vCPU 0 does with a virtio-net device.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NetMode {
+    Off,
+    Echo,
+    Seq,
+}
+
 /// Highest number of virtio-mmio entries remembered.
 pub const MAX_VIRTIO: usize = 32;
 
@@ -40,6 +51,9 @@ pub struct Config {
     pub region_size: u64,
     pub report_ms: u64,
     pub passes: u64,
+    pub net: NetMode,
+    pub net_rate: u64,
+    pub net_count: u64,
     pub virtio: [VirtioMmio; MAX_VIRTIO],
     pub n_virtio: usize,
     /// Entries beyond MAX_VIRTIO that were dropped.
@@ -56,6 +70,9 @@ impl Config {
             region_size: 16 << 20,
             report_ms: 100,
             passes: 0,
+            net: NetMode::Off,
+            net_rate: 10,
+            net_count: 0,
             virtio: [VirtioMmio {
                 size: 0,
                 addr: 0,
@@ -98,6 +115,17 @@ pub fn parse(line: &'static [u8]) -> Config {
                 .map(|s| cfg.region_size = s),
             b"baton.report_ms" => number(val).filter(|&n| n > 0).map(|n| cfg.report_ms = n),
             b"baton.passes" => number(val).map(|n| cfg.passes = n),
+            b"baton.net" => match val {
+                b"off" => Some(NetMode::Off),
+                b"echo" => Some(NetMode::Echo),
+                b"seq" => Some(NetMode::Seq),
+                _ => None,
+            }
+            .map(|m| cfg.net = m),
+            b"baton.net_rate" => number(val)
+                .filter(|&n| (1..=1000).contains(&n))
+                .map(|n| cfg.net_rate = n),
+            b"baton.net_count" => number(val).map(|n| cfg.net_count = n),
             b"virtio_mmio.device" => parse_virtio(val).map(|v| {
                 if cfg.n_virtio < MAX_VIRTIO {
                     cfg.virtio[cfg.n_virtio] = v;

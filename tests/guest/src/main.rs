@@ -19,6 +19,8 @@ mod cmdline;
 mod console;
 mod mem;
 mod pvh;
+mod virtio_mmio;
+mod virtio_net;
 mod workload;
 
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +46,9 @@ pub extern "C" fn guest_main(start_info: u64, cpu: u64) -> ! {
     }
     // SAFETY: written once by vCPU 0 before READY was set (Release), read-only after.
     let (cfg, memmap) = unsafe { (CONFIG, MEMMAP) };
+    if cpu == 0 && cfg.net != cmdline::NetMode::Off {
+        virtio_net::run(&cfg)
+    }
     workload::run(cpu as usize, &cfg, memmap)
 }
 
