@@ -8,6 +8,10 @@
 #[path = "../../../qdev/tests/common/mod.rs"]
 pub mod testdev;
 
+pub mod pair;
+pub mod relay;
+pub mod wrapped;
+
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -77,7 +81,7 @@ impl Gate {
 pub struct Workload {
     stop: Arc<AtomicBool>,
     pub writes: Arc<AtomicU64>,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<Vec<u64>>>,
     gate: Gate,
 }
 
@@ -88,6 +92,8 @@ impl Workload {
         let writes = Arc::new(AtomicU64::new(0));
         let (s, w, g2) = (stop.clone(), writes.clone(), gate.clone());
         let handle = std::thread::spawn(move || {
+            // What the guest wrote, kept outside guest RAM: the value every word must hold.
+            let mut counts = vec![0u64; pages as usize * 8];
             let mut pass = 0u64;
             while !s.load(Ordering::Relaxed) {
                 for p in 0..pages {
@@ -104,15 +110,18 @@ impl Workload {
                     if s.load(Ordering::Relaxed) {
                         break;
                     }
+                    let slot = p * 8 + pass % 8;
                     let off = p * 4096 + (pass % 8) * 8;
                     let mut b = [0u8; 8];
                     ram.read(0, off, &mut b).unwrap();
                     let v = u64::from_le_bytes(b).wrapping_add(1);
                     ram.write(0, off, &v.to_le_bytes()).unwrap();
+                    counts[slot as usize] += 1;
                     w.fetch_add(1, Ordering::Relaxed);
                 }
                 pass += 1;
             }
+            counts
         });
         Workload {
             stop,
@@ -122,13 +131,16 @@ impl Workload {
         }
     }
 
-    pub fn stop(mut self) {
+    /// Stop the guest; returns how often it incremented each word of region 0 (page
+    /// `i / 8`, word `i % 8`), which is what those words must hold.
+    pub fn stop(mut self) -> Vec<u64> {
         self.stop.store(true, Ordering::SeqCst);
         drop(self.gate.inner.0.lock());
         self.gate.inner.1.notify_all();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        self.handle
+            .take()
+            .map(|h| h.join().expect("workload thread"))
+            .unwrap_or_default()
     }
 }
 
@@ -221,6 +233,14 @@ pub fn settings(mode: MigrationMode, caps: Capabilities) -> MigrationSettings {
 /// `n` counter devices: a running source, or a destination that either waits for its
 /// backend (`adopt`) or opens its own.
 pub fn counters(n: usize, side: Side) -> Vec<Box<dyn Migratable>> {
+    counter_devices(n, side)
+        .into_iter()
+        .map(|d| Box::new(d) as Box<dyn Migratable>)
+        .collect()
+}
+
+/// The devices of [`counters`], unboxed.
+pub fn counter_devices(n: usize, side: Side) -> Vec<CounterDevice> {
     (0..n)
         .map(|i| {
             let id = format!("ctr{i}");
@@ -239,7 +259,7 @@ pub fn counters(n: usize, side: Side) -> Vec<Box<dyn Migratable>> {
                     d
                 }
             };
-            Box::new(d) as Box<dyn Migratable>
+            d
         })
         .collect()
 }
