@@ -83,6 +83,9 @@ pub const CTRL_ERR: u8 = 1;
 /// Largest control command read (header + data).
 const CTRL_MAX: usize = 4096;
 
+/// The writable (address, length) pieces of one descriptor chain.
+type Pieces = Vec<(GuestAddress, usize)>;
+
 /// Counters, for tests and the VMM's statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetStats {
@@ -384,7 +387,7 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
         let mem = a.mem.clone();
         let queue = &mut self.queues[usize::from(q)];
         let start = queue.next_avail();
-        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>, usize)> = Vec::new();
+        let mut chains: Vec<(u16, Pieces)> = Vec::new();
         let mut room = 0usize;
         while room < frame.len() {
             let Some(chain) = queue.pop_descriptor_chain(&mem) else {
@@ -417,7 +420,7 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
                 continue;
             }
             room += cap;
-            chains.push((head, pieces, cap));
+            chains.push((head, pieces));
         }
         let mut hdr = [0u8; VNET_HDR_LEN];
         hdr.copy_from_slice(&frame[..VNET_HDR_LEN]);
@@ -425,7 +428,7 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
         hdr[10..12].copy_from_slice(&nbuf.to_le_bytes());
         let mut off = 0usize;
         let merr = |source| DeviceError::GuestMemory { queue: q, source };
-        for (head, pieces, _) in &chains {
+        for (head, pieces) in &chains {
             let mut written = 0usize;
             for &(addr, len) in pieces {
                 if off >= frame.len() {

@@ -138,15 +138,10 @@ fn backend_transfer_while_traffic_flows_loses_nothing() {
             for q in [0, 2] {
                 got.extend(d.recv(q).iter().filter_map(|(_, f)| udp_seq(f)));
             }
-            if sent < n_out {
-                if d.queue_tx(
-                    1 + 2 * (sent % 2) as u16,
-                    [0; HDR],
-                    &seq_frame(GUEST_MAC, sent, 64),
-                ) {
-                    d.notify(1 + 2 * (sent % 2) as u16);
-                    sent += 1;
-                }
+            let txq = 1 + 2 * (sent % 2) as u16;
+            if sent < n_out && d.queue_tx(txq, [0; HDR], &seq_frame(GUEST_MAC, sent, 64)) {
+                d.notify(txq);
+                sent += 1;
             }
             if switched.is_none() && got.len() > n_in as usize / 3 {
                 // Switchover: pause, save, hand the TAP over, load, run the destination.
