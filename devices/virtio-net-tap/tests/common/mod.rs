@@ -161,6 +161,14 @@ impl Packet {
         }
     }
 
+    /// One frame, if one is waiting.
+    pub fn try_recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 70000];
+        // SAFETY: buf is valid for writes.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        (n >= 0).then(|| buf[..n as usize].to_vec())
+    }
+
     /// Frames of ethertype `ethertype` received until `want` arrived or `timeout` passed.
     pub fn recv_frames(&self, ethertype: u16, want: usize, timeout: Duration) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + timeout;
