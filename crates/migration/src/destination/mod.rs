@@ -198,9 +198,6 @@ impl DestRun<'_> {
         }
         let session = self.handshake(vm)?;
         let ram_chans = self.ram_channels(&header, &session)?;
-        if session.hello.mode == MigrationMode::Remote {
-            self.monitor.set_status(MigrationStatus::Active);
-        }
         if session.hello.mode == MigrationMode::Local {
             self.adopt_memfds(vm)?;
         }

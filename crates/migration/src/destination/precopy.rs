@@ -15,7 +15,7 @@ use crate::handshake::MigrationMode;
 use crate::payload::DeviceBlob;
 use crate::protocol::SectionType;
 use crate::ram::{apply_pages, IncomingRam, RamLayout};
-use crate::report::MigrationStatus;
+use crate::report::{MigrationMonitor, MigrationStatus};
 use crate::transport::{Channel, Section, ShutdownHandle};
 
 use super::{check_version, DestRun, DestinationVm, Session};
@@ -81,7 +81,7 @@ impl DestRun<'_> {
                     })
                 })
                 .collect();
-            match main_loop(main, session, devices, prepared, ram) {
+            match main_loop(main, session, devices, prepared, ram, monitor) {
                 Ok(()) => {
                     t_switch = Some(Instant::now());
                     monitor.set_status(MigrationStatus::Device);
@@ -113,6 +113,7 @@ fn main_loop(
     devices: &mut [Box<dyn baton_qdev::Migratable>],
     prepared: &mut Vec<usize>,
     ram: &dyn IncomingRam,
+    monitor: &MigrationMonitor,
 ) -> Result<(), MigrationError> {
     let hello = &session.hello;
     let early_expected = session
@@ -120,6 +121,15 @@ fn main_loop(
         .iter()
         .filter(|o| o.early_setup.is_some())
         .count();
+    // As on the source: setup until every early state is prepared, then RAM flows.
+    let active = || {
+        if hello.mode == MigrationMode::Remote {
+            monitor.set_status(MigrationStatus::Active);
+        }
+    };
+    if early_expected == 0 {
+        active();
+    }
     loop {
         let s = main.recv()?;
         match s.ty {
@@ -143,8 +153,11 @@ fn main_loop(
                 // Counted before the hook runs: a failed prepare is discarded too.
                 prepared.push(i);
                 es.prepare(b.version_id, &b.data)?;
-                if prepared.len() == early_expected && !session.file {
-                    main.send(SectionType::SwitchoverAck, &[], &[])?;
+                if prepared.len() == early_expected {
+                    if !session.file {
+                        main.send(SectionType::SwitchoverAck, &[], &[])?;
+                    }
+                    active();
                 }
             }
             SectionType::RamPages if hello.mode != MigrationMode::Local => {
