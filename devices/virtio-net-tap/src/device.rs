@@ -80,8 +80,6 @@ pub const CTRL_MQ: u8 = 4;
 pub const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
 pub const CTRL_OK: u8 = 0;
 pub const CTRL_ERR: u8 = 1;
-/// Largest control command read (header + data).
-const CTRL_MAX: usize = 4096;
 
 /// The writable (address, length) pieces of one descriptor chain.
 type Pieces = Vec<(GuestAddress, usize)>;
@@ -97,10 +95,10 @@ pub struct NetStats {
     pub rx_by_tap_queue: [u64; 8],
 }
 
-struct Active<M> {
-    mem: M,
-    irq: VirtioInterrupt,
-    features: u64,
+pub(crate) struct Active<M> {
+    pub(crate) mem: M,
+    pub(crate) irq: VirtioInterrupt,
+    pub(crate) features: u64,
     /// Restored and waiting for the VMM's first kick before touching guest memory.
     waiting_first_kick: bool,
 }
@@ -109,11 +107,11 @@ struct Active<M> {
 pub struct VirtioNet<M> {
     pub(crate) id: String,
     pub(crate) config: VirtioNetTapConfig,
-    queues: Vec<Queue>,
+    pub(crate) queues: Vec<Queue>,
     pub(crate) tap: Option<Tap>,
     /// The TAP was adopted from a previous process (its offloads must not be reset).
     pub(crate) adopted: bool,
-    active: Option<Active<M>>,
+    pub(crate) active: Option<Active<M>>,
     pub(crate) status: u16,
     pub(crate) active_pairs: u16,
     /// A frame read from TAP queue `i` that did not fit the guest's buffers yet.
@@ -223,7 +221,7 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
         self.quiesced = q;
     }
 
-    fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         !self.quiesced && !self.handed_over
     }
 
@@ -334,7 +332,7 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
         self.signal(rxq, delivered)
     }
 
-    fn signal(&mut self, q: u16, used: bool) -> Result<(), DeviceError> {
+    pub(crate) fn signal(&mut self, q: u16, used: bool) -> Result<(), DeviceError> {
         let Some(a) = &self.active else { return Ok(()) };
         if !used {
             return Ok(());
@@ -512,83 +510,6 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
             used = true;
         }
         self.signal(q, used)
-    }
-
-    fn ctrl(&mut self, q: u16) -> Result<(), DeviceError> {
-        let Some(a) = &self.active else { return Ok(()) };
-        if !self.running() {
-            return Ok(());
-        }
-        let mem = a.mem.clone();
-        let features = a.features;
-        let mut used = false;
-        loop {
-            let queue = &mut self.queues[usize::from(q)];
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut cmd = Vec::new();
-            let mut ack_at = None;
-            for d in chain {
-                if d.is_write_only() {
-                    ack_at.get_or_insert(d.addr());
-                    continue;
-                }
-                let n = (d.len() as usize).min(CTRL_MAX.saturating_sub(cmd.len()));
-                let start = cmd.len();
-                cmd.resize(start + n, 0);
-                if mem.read_slice(&mut cmd[start..], d.addr()).is_err() {
-                    return Err(DeviceError::Other(format!(
-                        "queue {q}: control descriptor {:#x} outside guest memory",
-                        d.addr().0
-                    )));
-                }
-            }
-            let ack = self.control_command(features, &cmd);
-            let len = match ack_at {
-                Some(addr) => {
-                    mem.write_obj(ack, addr)
-                        .map_err(|source| DeviceError::GuestMemory { queue: q, source })?;
-                    1
-                }
-                None => 0,
-            };
-            self.queues[usize::from(q)]
-                .add_used(&mem, head, len)
-                .map_err(|source| DeviceError::Queue { queue: q, source })?;
-            used = true;
-        }
-        self.signal(q, used)
-    }
-
-    fn control_command(&mut self, features: u64, cmd: &[u8]) -> u8 {
-        match cmd {
-            [CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] if features & feature::MQ != 0 => {
-                let pairs = u16::from_le_bytes([*lo, *hi]);
-                if pairs == 0 || pairs > self.config.queue_pairs {
-                    tracing::debug!(device = self.id, pairs, "VQ_PAIRS_SET out of range");
-                    return CTRL_ERR;
-                }
-                tracing::debug!(device = self.id, pairs, "queue pairs set");
-                self.active_pairs = pairs;
-                // Frames held for a queue that is no longer the target stay held and go
-                // to the new target on the next read of their TAP queue.
-                CTRL_OK
-            }
-            [CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK, ..] if features & feature::GUEST_ANNOUNCE != 0 => {
-                self.status &= !S_ANNOUNCE;
-                CTRL_OK
-            }
-            _ => {
-                tracing::debug!(
-                    device = self.id,
-                    "unsupported control command {:?}",
-                    cmd.get(..2)
-                );
-                CTRL_ERR
-            }
-        }
     }
 
     fn config_bytes(&self) -> [u8; 10] {

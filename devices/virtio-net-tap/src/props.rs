@@ -28,13 +28,15 @@ static PROPERTIES: &[PropertySpec] = &[
     PropertySpec::new(
         "ifname",
         PropertyKind::Str,
-        "Host TAP interface to attach to (opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR).",
+        "Host TAP interface to attach to (opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|\
+         IFF_MULTI_QUEUE, created if missing).",
     )
     .required(),
     PropertySpec::new(
         "queues",
         PropertyKind::int(1, MAX_QUEUE_PAIRS),
-        "Queue pairs (rx+tx); more than one opens the TAP with IFF_MULTI_QUEUE, one fd per pair.",
+        "Queue pairs (rx+tx): one TAP queue fd per pair (the TAP is always opened with \
+         IFF_MULTI_QUEUE, so a second VMM can attach during a live update).",
     )
     .default_int(1),
     PropertySpec::new(
