@@ -386,6 +386,9 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
         let queue = &mut self.queues[usize::from(q)];
         let start = queue.next_avail();
         let mut chains: Vec<(u16, Pieces)> = Vec::new();
+        // Chains with no usable room: completed empty, but only once the frame is placed
+        // (a rollback must leave the ring exactly as it was).
+        let mut skipped: Vec<u16> = Vec::new();
         let mut room = 0usize;
         while room < frame.len() {
             let Some(chain) = queue.pop_descriptor_chain(&mem) else {
@@ -412,9 +415,7 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
                 return Ok(true);
             }
             if cap == 0 || (mrg && chains.is_empty() && cap < VNET_HDR_LEN) {
-                queue
-                    .add_used(&mem, head, 0)
-                    .map_err(|source| DeviceError::Queue { queue: q, source })?;
+                skipped.push(head);
                 continue;
             }
             room += cap;
@@ -424,6 +425,11 @@ impl<M: GuestMemoryBackend + Clone + Send> VirtioNet<M> {
         hdr.copy_from_slice(&frame[..VNET_HDR_LEN]);
         let nbuf = if mrg { chains.len() as u16 } else { 1 };
         hdr[10..12].copy_from_slice(&nbuf.to_le_bytes());
+        for head in skipped {
+            queue
+                .add_used(&mem, head, 0)
+                .map_err(|source| DeviceError::Queue { queue: q, source })?;
+        }
         let mut off = 0usize;
         let merr = |source| DeviceError::GuestMemory { queue: q, source };
         for (head, pieces) in &chains {

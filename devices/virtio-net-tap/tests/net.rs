@@ -436,3 +436,37 @@ fn hostile_descriptors_need_a_reset_and_never_panic() {
         );
     });
 }
+
+/// An rx chain with no writable room is completed empty exactly once, after the frame
+/// found room: a frame that has to wait leaves the ring untouched.
+#[test]
+fn rx_chains_without_room_are_completed_once() {
+    in_netns("rx_no_room", || {
+        make_tap("tap0");
+        let mem = guest_memory();
+        let (dev, _irq) = device(
+            "virtio-net-tap,id=net0,ifname=tap0",
+            &mem,
+            BackendMode::Open,
+        );
+        let pkt = Packet::bind("tap0");
+        let mut d = Driver::new(&mem, &dev);
+        d.init(V1 | f::MRG_RXBUF, &[0, 1], 2048);
+        d.poke_desc(0, 63, 0x10_0000, 2048, 0); // device-readable only: no room
+        d.notify(0);
+        pkt.send(&seq_frame([2, 0, 0, 0, 0, 1], 5, 100));
+        std::thread::sleep(Duration::from_millis(20));
+        dev.tap_readable(0);
+        dev.tap_readable(0);
+        assert!(
+            d.recv_raw(0).is_empty(),
+            "nothing completed while the frame waits"
+        );
+        d.fill_rx(0);
+        d.notify(0);
+        let used = d.recv_raw(0);
+        assert_eq!(used.len(), 2);
+        assert_eq!(used[0].0, 0, "the roomless chain, once, empty");
+        assert_eq!(frame_seq(&used[1].1[HDR..]), 5);
+    });
+}
