@@ -8,6 +8,7 @@
 //! * `guest/build/` — the guest's own cargo target directory.
 //! * `qemu/` — QEMU 7.2 unpacked from Debian packages ([`qemu`]).
 
+pub mod demo;
 pub mod guest;
 pub mod qemu;
 

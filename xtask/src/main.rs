@@ -1,6 +1,7 @@
 //! `cargo xtask` — baton's developer tasks (see the library docs for what they do).
 //!
 //! ```text
+//! cargo xtask demo [--memory SIZE]  live-update a running guest into a new baton-vmm
 //! cargo xtask guest                 build target/guest/baton-guest.elf
 //! cargo xtask qemu [options]        fetch QEMU 7.2 (Debian, unpacked) and boot the guest
 //!     --passes N      stop after N passes (default 300)
@@ -35,7 +36,12 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("qemu") => qemu_cmd(&args[1..]),
-        _ => Err(err!("usage: cargo xtask guest | cargo xtask qemu [--passes N] [--region SIZE] [--memory SIZE] [--accel tcg|kvm] [--timeout SECS] [--fetch-only]")),
+        Some("demo") => match &args[1..] {
+            [] => xtask::demo::demo("1G"),
+            [flag, size] if flag == "--memory" => xtask::demo::demo(size),
+            _ => Err(err!("usage: cargo xtask demo [--memory SIZE]")),
+        },
+        _ => Err(err!("usage: cargo xtask demo [--memory SIZE] | cargo xtask guest | cargo xtask qemu [--passes N] [--region SIZE] [--memory SIZE] [--accel tcg|kvm] [--timeout SECS] [--fetch-only]")),
     }
 }
 

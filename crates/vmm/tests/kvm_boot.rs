@@ -7,50 +7,15 @@
 //! The guest image is built on demand through xtask's library (`cargo test` from a
 //! clean checkout works).
 
-use std::io::Write as _;
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod harness;
+
 use baton_vmm::{GuestExit, GuestRam, Vm, VmConfig};
+use harness::{guest_elf, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 
 const PAGE: u64 = 4096;
-
-/// Whether KVM can be used; skips (printing why) or panics under BATON_CI=1.
-fn kvm_or_skip(test: &str) -> bool {
-    // Opening is not enough (a bind-mounted /dev/null opens fine): ask KVM.
-    let err = match kvm_ioctls::Kvm::new().map(|k| k.get_api_version()) {
-        Ok(12) => return true,
-        Ok(v) => format!("KVM API version {v}, expected 12"),
-        Err(e) => e.to_string(),
-    };
-    let reason = format!("{test}: /dev/kvm is not usable ({err})");
-    if std::env::var("BATON_CI").as_deref() == Ok("1") {
-        panic!("{reason}; BATON_CI=1 requires KVM");
-    }
-    // Written to the stderr fd directly: libtest captures eprintln! of passing tests,
-    // and a skip must never look like a silent pass.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {reason}; set BATON_CI=1 to make this a failure"
-    );
-    false
-}
-
-/// The guest ELF, built once per test binary.
-fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let target = tmp
-            .parent()
-            .expect("CARGO_TARGET_TMPDIR has a parent")
-            .to_path_buf();
-        xtask::guest::build(&target).unwrap_or_else(|e| panic!("building the harness guest: {e}"))
-    })
-    .clone()
-}
 
 fn boot(cpus: usize, cmdline: &str) -> Vm {
     let mut vm = build(256 << 20, cpus, cmdline);
