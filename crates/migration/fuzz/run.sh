@@ -17,6 +17,11 @@ fi
 cp -n seeds/incoming_file/* corpus/incoming_file/ 2>/dev/null || true
 cp -n seeds/incoming_unix/* corpus/incoming_unix/ 2>/dev/null || true
 cp -n seeds/stream_mutate/* corpus/stream_mutate/ 2>/dev/null || true
+# Every crash found so far must stay fixed.
+for d in regressions/*/; do
+    t=$(basename "$d")
+    cargo fuzz run -O "$t" "$d"* -- -runs=1 >/dev/null 2>&1 || { echo "regression in $t"; exit 1; }
+done
 for t in incoming_file incoming_unix stream_mutate; do
     echo "=== $t for ${secs}s"
     cargo fuzz run -O "$t" -- -max_total_time="$secs" -timeout=10 -rss_limit_mb=4096 \

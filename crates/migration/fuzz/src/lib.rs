@@ -19,7 +19,10 @@ use baton_migration::{
     MemfdRam, MigrationMode, MigrationMonitor, MigrationSettings, Parameters, RamLayout,
     RamRegion, SourceVm, Target, VmControl,
 };
-use baton_qdev::Migratable;
+use baton_qdev::{
+    BackendTransfer, DeviceMigrationError, EarlyOutcome, EarlySetup, Hook, Migratable,
+};
+use baton_vmstate::{VmState, VmStateDescription};
 
 #[path = "../../../qdev/tests/common/mod.rs"]
 #[allow(dead_code)]
@@ -65,12 +68,76 @@ impl VmControl for Gate {
     }
 }
 
+/// The qdev test counter with its early state checked before use.
+///
+/// The first fuzz runs found that `CounterDevice::prepare` allocates a ring of whatever
+/// size the stream says (6 GiB: out of memory). The engine hands early state to the
+/// device as untrusted bytes, as documented; checking them is the device's job, so the
+/// harness checks what the test device does not, the way a real device must.
+pub struct CheckedCounter(pub testdev::CounterDevice);
+
+fn check_early(id: &str, version_id: u32, state: &[u8]) -> Result<(), DeviceMigrationError> {
+    let e = testdev::CounterEarly::load(state, version_id)
+        .map_err(|e| DeviceMigrationError::state(id, Hook::EarlyPrepare, e))?;
+    if !e.ring_size.is_power_of_two() || e.ring_size > 4096 {
+        return Err(DeviceMigrationError::refused(
+            id,
+            Hook::EarlyPrepare,
+            format!("ring_size {} is not a power of two up to 4096", e.ring_size),
+        ));
+    }
+    Ok(())
+}
+
+impl Migratable for CheckedCounter {
+    fn id(&self) -> &str {
+        self.0.id()
+    }
+    fn vmsd(&self) -> &'static VmStateDescription {
+        self.0.vmsd()
+    }
+    fn save(&mut self) -> Result<Vec<u8>, DeviceMigrationError> {
+        self.0.save()
+    }
+    fn load(&mut self, version_id: u32, state: &[u8]) -> Result<(), DeviceMigrationError> {
+        self.0.load(version_id, state)
+    }
+    fn early_setup(&mut self) -> Option<&mut dyn EarlySetup> {
+        Some(self)
+    }
+    fn backend_transfer(&mut self) -> Option<&mut dyn BackendTransfer> {
+        Some(&mut self.0)
+    }
+}
+
+impl EarlySetup for CheckedCounter {
+    fn early_vmsd(&self) -> &'static VmStateDescription {
+        self.0.early_vmsd()
+    }
+    fn save_early(&mut self) -> Result<Vec<u8>, DeviceMigrationError> {
+        self.0.save_early()
+    }
+    fn prepare(&mut self, version_id: u32, state: &[u8]) -> Result<(), DeviceMigrationError> {
+        check_early(&self.0.id, version_id, state)?;
+        self.0.prepare(version_id, state)
+    }
+    fn finish(&mut self, outcome: EarlyOutcome<'_>) -> Result<(), DeviceMigrationError> {
+        if let EarlyOutcome::Changed { version_id, state } = outcome {
+            check_early(&self.0.id, version_id, state)?;
+        }
+        self.0.finish(outcome)
+    }
+    fn discard(&mut self) {
+        self.0.discard()
+    }
+}
+
 fn dest_devices() -> Vec<Box<dyn Migratable>> {
     (0..2)
         .map(|i| {
             let mut d = testdev::CounterDevice::new_source(&format!("ctr{i}"), 1);
             d.backend_transfer = false;
-            Box::new(d) as Box<dyn Migratable>
+            Box::new(CheckedCounter(d)) as Box<dyn Migratable>
         })
         .collect()
 }
