@@ -116,8 +116,7 @@ fn qmp(path: &Path, command: &str) -> Result<String> {
 fn last_status(p: &Proc) -> String {
     p.lines()
         .into_iter()
-        .filter(|l| l.contains("baton-guest: status"))
-        .next_back()
+        .rfind(|l| l.contains("baton-guest: status"))
         .unwrap_or_default()
 }
 
