@@ -26,4 +26,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== the same guest image on QEMU 7.2 microvm (unpacked from Debian's packages, not installed)"
+cargo xtask qemu --passes 300
 echo "== all tests passed"
