@@ -1,5 +1,5 @@
-//! The VMM's control plane: run state, migration settings, outgoing and incoming
-//! migrations on their own threads, and the QMP commands that drive them.
+//! The VMM's control plane: run state, migration settings, and outgoing and incoming
+//! migrations on their own threads (the QMP commands that drive them are in `qmp`).
 //!
 //! QMP names follow QEMU so existing clients work unchanged. Local live update is QEMU's
 //! CPR-transfer idea: `migrate-set-parameters {"mode": "cpr-transfer"}` (or the
@@ -10,21 +10,24 @@ use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use baton_machine_types::MachineRegistry;
 use baton_migration::{
     incoming, migrate, Capabilities, DestinationVm, Incoming, IncomingSettings, MigrationMode,
-    MigrationMonitor, MigrationSettings, MigrationStatus as EngineStatus, Parameters, SourceVm,
-    Target,
+    MigrationMonitor, MigrationSettings, Parameters, SourceVm, Target,
 };
-use baton_qdev::{DeviceRegistry, Migratable, PropertyResolver};
+use baton_qdev::{DeviceRegistry, Migratable};
 use baton_qmp::schema::*;
-use baton_qmp::{CommandRegistry, EventSender, QmpError};
-use serde_json::{json, Value};
-use tracing::{error, info};
+use baton_qmp::{EventSender, QmpError};
+use baton_virtio_net_tap::BackendMode;
+use tracing::{error, info, warn};
 
+use crate::devices::DevicePlan;
+use crate::lazy::LazyDevice;
 use crate::live::{KvmDirtyLog, MachineDevice, VcpuControl, VmRam, VmSlot};
 use crate::memory::GuestRam;
+use crate::qmp::engine_to_qmp;
 use crate::vm::Vm;
+
+pub use crate::qmp::commands;
 
 /// Outcome the main loop waits for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,13 +37,26 @@ pub enum Ending {
     MigratedAway,
 }
 
-struct State {
-    run: RunState,
-    local: bool,
-    caps: Capabilities,
-    params: Parameters,
-    monitor: Option<MigrationMonitor>,
+pub(crate) struct State {
+    pub(crate) run: RunState,
+    pub(crate) local: bool,
+    pub(crate) caps: Capabilities,
+    pub(crate) params: Parameters,
+    pub(crate) monitor: Option<MigrationMonitor>,
     ending: Option<Ending>,
+}
+
+/// What a [`Vmm`] is built from.
+pub struct VmmConfig {
+    /// The machine type's full name (`microvm-1.1`).
+    pub machine: String,
+    pub memory: u64,
+    pub cpus: usize,
+    pub echo: bool,
+    /// The device types known to this build.
+    pub registry: Arc<DeviceRegistry>,
+    /// The VM's devices (also what an incoming VM is built with).
+    pub plan: DevicePlan,
 }
 
 /// The VMM: its VM, machine type, devices and control state.
@@ -51,34 +67,15 @@ pub struct Vmm {
     pub cpus: usize,
     pub echo: bool,
     pub devices: Arc<DeviceRegistry>,
+    pub plan: DevicePlan,
     state: Mutex<State>,
     ended: Condvar,
-    events: EventSender,
-}
-
-fn engine_to_qmp(s: EngineStatus) -> MigrationStatus {
-    match s {
-        EngineStatus::None => MigrationStatus::None,
-        EngineStatus::Setup => MigrationStatus::Setup,
-        EngineStatus::Active => MigrationStatus::Active,
-        EngineStatus::Device => MigrationStatus::Device,
-        EngineStatus::Completed => MigrationStatus::Completed,
-        EngineStatus::Failed => MigrationStatus::Failed,
-        EngineStatus::Cancelling => MigrationStatus::Cancelling,
-        EngineStatus::Cancelled => MigrationStatus::Cancelled,
-    }
+    pub(crate) events: EventSender,
 }
 
 impl Vmm {
-    pub fn new(
-        vm: Option<Vm>,
-        machine: String,
-        memory: u64,
-        cpus: usize,
-        echo: bool,
-        devices: Arc<DeviceRegistry>,
-        events: EventSender,
-    ) -> Arc<Self> {
+    /// A VMM around `vm` (`None`: an incoming VM, built when its migration arrives).
+    pub fn new(vm: Option<Vm>, cfg: VmmConfig, events: EventSender) -> Arc<Self> {
         let run = if vm.is_some() {
             RunState::Running
         } else {
@@ -86,11 +83,12 @@ impl Vmm {
         };
         Arc::new(Vmm {
             slot: VmSlot::new(vm),
-            machine,
-            memory,
-            cpus,
-            echo,
-            devices,
+            machine: cfg.machine,
+            memory: cfg.memory,
+            cpus: cfg.cpus,
+            echo: cfg.echo,
+            devices: cfg.registry,
+            plan: cfg.plan,
             state: Mutex::new(State {
                 run,
                 local: false,
@@ -104,7 +102,7 @@ impl Vmm {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -172,7 +170,7 @@ impl Vmm {
         Ok(m)
     }
 
-    fn stop(&self) -> Result<(), QmpError> {
+    pub(crate) fn stop(&self) -> Result<(), QmpError> {
         let g = self.slot.lock();
         let vm = g
             .as_ref()
@@ -186,7 +184,7 @@ impl Vmm {
         Ok(())
     }
 
-    fn cont(&self) -> Result<(), QmpError> {
+    pub(crate) fn cont(&self) -> Result<(), QmpError> {
         if self.lock().run == RunState::Inmigrate {
             return Err(QmpError::generic("Migration is not finalized yet"));
         }
@@ -234,6 +232,9 @@ impl Vmm {
         };
         let mut devices: Vec<Box<dyn Migratable>> =
             vec![Box::new(MachineDevice::new(self.slot.clone(), self.cpus))];
+        if let Some(vm) = self.slot.lock().as_ref() {
+            devices.extend(vm.devices().iter().map(|d| d.migratable()));
+        }
         let mut log = KvmDirtyLog(self.slot.clone());
         let mut control = VcpuControl(self.slot.clone());
         let snapshot = settings.mode == MigrationMode::Snapshot;
@@ -291,18 +292,22 @@ impl Vmm {
         let settings = self.settings();
         let file = matches!(source, Incoming::File(_));
         let local = settings.mode == MigrationMode::Local && !file;
+        let plan = self.plan.for_incoming(&settings.capabilities);
         // Remote and restore: RAM of our own, written page by page. Local: the VM is
-        // built around the source's memfd when it arrives.
+        // built around the source's memfd when it arrives. Either way its devices are
+        // attached with it, in incoming mode.
         let ram = if local {
             Ok(VmRam::incoming(
                 &self.slot,
                 self.memory,
                 self.cpus,
                 self.echo,
+                plan.clone(),
             ))
         } else {
             GuestRam::new(self.memory)
                 .and_then(|r| Vm::new_incoming(r, self.cpus, self.echo))
+                .and_then(|mut vm| plan.attach(&mut vm, BackendMode::Incoming).map(|()| vm))
                 .map_err(|e| e.to_string())
                 .and_then(|vm| {
                     *self.slot.lock() = Some(vm);
@@ -318,6 +323,9 @@ impl Vmm {
         };
         let mut devices: Vec<Box<dyn Migratable>> =
             vec![Box::new(MachineDevice::new(self.slot.clone(), self.cpus))];
+        devices.extend(plan.nets.iter().map(|n| {
+            Box::new(LazyDevice::new(n.clone(), self.slot.clone())) as Box<dyn Migratable>
+        }));
         let mut control = VcpuControl(self.slot.clone());
         let r = incoming(
             source,
@@ -337,6 +345,13 @@ impl Vmm {
                 info!(phases = ?o.phases, "incoming migration completed; the VM runs");
                 self.set_run(RunState::Running);
                 self.events.emit(&ResumeEvent);
+                if o.mode == MigrationMode::Remote {
+                    // The guest is on another host now: tell the network.
+                    match self.slot.lock().as_ref() {
+                        Some(vm) => vm.devices().iter().for_each(|d| d.announce()),
+                        None => warn!("no VM to announce"),
+                    }
+                }
             }
             Err(e) => {
                 error!("incoming migration failed: {e}");
@@ -345,199 +360,4 @@ impl Vmm {
             }
         }
     }
-
-    fn query_migrate(&self) -> MigrationInfo {
-        let Some(m) = self.lock().monitor.clone() else {
-            return MigrationInfo::default();
-        };
-        let i = m.info();
-        MigrationInfo {
-            status: Some(engine_to_qmp(i.status)),
-            total_time: i.total_time,
-            setup_time: i.setup_time,
-            downtime: i.downtime,
-            error_desc: i.error_desc,
-            ram: i.ram.map(|r| MigrationStats {
-                transferred: r.transferred,
-                remaining: r.remaining,
-                total: r.total,
-                duplicate: r.duplicate,
-                normal: r.normal,
-                normal_bytes: r.normal_bytes,
-                mbps: r.mbps,
-                dirty_sync_count: r.dirty_sync_count,
-                dirty_pages_rate: r.dirty_pages_rate,
-                page_size: 4096,
-                ..MigrationStats::default()
-            }),
-            ..MigrationInfo::default()
-        }
-    }
-
-    fn capabilities(&self) -> Vec<MigrationCapabilityStatus> {
-        let st = self.lock();
-        vec![
-            MigrationCapabilityStatus {
-                capability: MigrationCapability::XIgnoreShared,
-                state: st.local,
-            },
-            MigrationCapabilityStatus {
-                capability: MigrationCapability::BackendTransfer,
-                state: st.caps.backend_transfer,
-            },
-            MigrationCapabilityStatus {
-                capability: MigrationCapability::EarlySetup,
-                state: st.caps.early_setup,
-            },
-            MigrationCapabilityStatus {
-                capability: MigrationCapability::Multifd,
-                state: st.caps.multifd,
-            },
-        ]
-    }
-
-    fn set_capabilities(&self, caps: Vec<MigrationCapabilityStatus>) -> Result<(), QmpError> {
-        for c in caps {
-            let name = serde_json::to_value(c.capability)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            self.set_capability(&name, c.state).map_err(|_| {
-                QmpError::generic(format!(
-                    "Migration capability '{name}' is not supported by baton"
-                ))
-            })?;
-        }
-        Ok(())
-    }
-
-    fn set_parameters(&self, p: MigrationParameters) -> Result<(), QmpError> {
-        let mut st = self.lock();
-        if let Some(v) = p.downtime_limit {
-            st.params.downtime_limit = v;
-        }
-        if let Some(v) = p.max_bandwidth {
-            st.params.max_bandwidth = v;
-        }
-        if let Some(v) = p.multifd_channels {
-            if v == 0 {
-                return Err(QmpError::generic(
-                    "Parameter 'multifd-channels' expects a value between 1 and 255",
-                ));
-            }
-            st.params.multifd_channels = u16::from(v);
-        }
-        if let Some(m) = p.mode {
-            st.local = m == MigMode::CprTransfer;
-        }
-        Ok(())
-    }
-
-    fn parameters(&self) -> MigrationParameters {
-        let st = self.lock();
-        MigrationParameters {
-            downtime_limit: Some(st.params.downtime_limit),
-            max_bandwidth: Some(st.params.max_bandwidth),
-            multifd_channels: u8::try_from(st.params.multifd_channels).ok(),
-            mode: Some(if st.local {
-                MigMode::CprTransfer
-            } else {
-                MigMode::Normal
-            }),
-            ..MigrationParameters::default()
-        }
-    }
-
-    fn device_properties(&self, typename: &str) -> Result<Value, QmpError> {
-        let machine = MachineRegistry::builtin()
-            .lookup(&self.machine)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
-        let resolver = PropertyResolver::new(&self.devices).with_compat(machine.compat_settings());
-        let props = resolver
-            .describe(typename)
-            .map_err(|_| QmpError::device_not_found(typename))?;
-        let v = serde_json::to_value(&props).map_err(|e| QmpError::generic(e.to_string()))?;
-        let list = v["properties"].as_array().cloned().unwrap_or_default();
-        Ok(Value::Array(
-            list.into_iter()
-                .map(|p| {
-                    json!({
-                        "name": p["name"],
-                        "type": p["type"],
-                        "description": p["doc"],
-                        "default-value": p.get("default").cloned().unwrap_or(Value::Null),
-                        "value": p["value"],
-                        "provenance": p["provenance"],
-                    })
-                })
-                .collect(),
-        ))
-    }
-}
-
-fn machines() -> Vec<MachineInfo> {
-    MachineRegistry::builtin()
-        .list()
-        .into_iter()
-        .map(|m| MachineInfo {
-            name: m.name,
-            alias: m.alias,
-            is_default: m.is_default.then_some(true),
-            cpu_max: crate::vm::MAX_CPUS as u32,
-            hotpluggable_cpus: false,
-            numa_mem_supported: false,
-            deprecated: m.deprecated,
-            default_cpu_type: None,
-            default_ram_id: None,
-            acpi: false,
-            compat_props: None,
-        })
-        .collect()
-}
-
-/// The QMP commands of baton-vmm.
-pub fn commands(vmm: &Arc<Vmm>) -> CommandRegistry {
-    let mut r = CommandRegistry::new();
-    let v = vmm.clone();
-    r.register::<QueryStatus>(move |_, _| Ok(StatusInfo::new(v.lock().run)));
-    let v = vmm.clone();
-    r.register::<Stop>(move |_, _| v.stop());
-    let v = vmm.clone();
-    r.register::<Cont>(move |_, _| v.cont());
-    let v = vmm.clone();
-    r.register::<Quit>(move |_, _| {
-        v.end(Ending::Quit);
-        Ok(())
-    });
-    let v = vmm.clone();
-    r.register::<Migrate>(move |_, a| v.start_migrate(&a.uri));
-    let v = vmm.clone();
-    r.register::<MigrateIncoming>(move |_, a| v.start_incoming(&a.uri));
-    let v = vmm.clone();
-    r.register::<MigrateCancel>(move |_, _| {
-        if let Some(m) = v.lock().monitor.clone() {
-            m.cancel();
-        }
-        Ok(())
-    });
-    let v = vmm.clone();
-    r.register::<MigrateSetCapabilities>(move |_, a| v.set_capabilities(a.capabilities));
-    let v = vmm.clone();
-    r.register::<QueryMigrateCapabilities>(move |_, _| Ok(v.capabilities()));
-    let v = vmm.clone();
-    r.register::<MigrateSetParameters>(move |_, p| v.set_parameters(p));
-    let v = vmm.clone();
-    r.register::<QueryMigrateParameters>(move |_, _| Ok(v.parameters()));
-    let v = vmm.clone();
-    r.register::<QueryMigrate>(move |_, _| Ok(v.query_migrate()));
-    r.register::<QueryMachines>(|_, _| Ok(machines()));
-    let v = vmm.clone();
-    r.register_raw("device-list-properties", move |_, a| {
-        let name = a
-            .get("typename")
-            .and_then(Value::as_str)
-            .ok_or_else(|| QmpError::generic("Parameter 'typename' is missing"))?;
-        v.device_properties(name)
-    });
-    r
 }

@@ -39,6 +39,8 @@ pub enum Error {
     NotPaused(&'static str),
     #[error("vCPU {index} thread: {reason}")]
     VcpuThread { index: usize, reason: String },
+    #[error("device {id}: {reason}")]
+    Device { id: String, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -22,10 +22,13 @@
 
 pub mod boot;
 pub mod control;
+pub mod devices;
 pub mod error;
+mod lazy;
 pub mod live;
 pub mod memory;
 pub mod mmio;
+mod qmp;
 pub mod state;
 pub mod status;
 mod vcpu;

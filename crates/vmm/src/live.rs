@@ -21,6 +21,7 @@ use kvm_bindings::{
 };
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::devices::DevicePlan;
 use crate::memory::{self, GuestRam};
 use crate::state::{VcpuState, VmState};
 use crate::vm::Vm;
@@ -260,7 +261,8 @@ impl Migratable for MachineDevice {
     }
 }
 
-/// vCPU control for the engine: pause, and resume (starting an incoming VM's threads).
+/// vCPU control for the engine: pause (vCPUs, then devices quiesced), and resume
+/// (starting an incoming VM's threads, whose devices then catch up with the rings).
 pub struct VcpuControl(pub VmSlot);
 
 impl VmControl for VcpuControl {
@@ -274,7 +276,11 @@ impl VmControl for VcpuControl {
         if vm.is_started() {
             vm.resume().map_err(|e| e.to_string())
         } else {
-            vm.start().map_err(|e| e.to_string())
+            vm.start().map_err(|e| e.to_string())?;
+            for d in vm.devices() {
+                d.restored();
+            }
+            Ok(())
         }
     }
 }
@@ -316,12 +322,13 @@ impl DirtyLog for KvmDirtyLog {
 }
 
 /// Guest RAM as engine RAM. On an incoming local update it starts empty and builds the
-/// VM around the received memfd.
+/// VM, with its devices in incoming mode, around the received memfd.
 pub struct VmRam {
     slot: VmSlot,
     size: u64,
     cpus: usize,
     echo: bool,
+    devices: DevicePlan,
     memory: Option<vm_memory::GuestMemoryMmap>,
     memfd: Option<File>,
     regions: Vec<memory::RamRegion>,
@@ -338,6 +345,7 @@ impl VmRam {
             size: ram.size(),
             cpus: vm.cpus(),
             echo: false,
+            devices: DevicePlan::default(),
             memory: Some(ram.memory().clone()),
             memfd: Some(
                 ram.memfd()
@@ -348,13 +356,21 @@ impl VmRam {
         })
     }
 
-    /// RAM that arrives by fd; `adopt_memfds` builds the VM into `slot`.
-    pub fn incoming(slot: &VmSlot, size: u64, cpus: usize, echo: bool) -> Self {
+    /// RAM that arrives by fd; `adopt_memfds` builds the VM into `slot` and attaches
+    /// `devices` to it (in incoming mode: they open nothing).
+    pub fn incoming(
+        slot: &VmSlot,
+        size: u64,
+        cpus: usize,
+        echo: bool,
+        devices: DevicePlan,
+    ) -> Self {
         VmRam {
             slot: slot.clone(),
             size,
             cpus,
             echo,
+            devices,
             memory: None,
             memfd: None,
             regions: memory::layout(size),
@@ -429,7 +445,10 @@ impl IncomingRam for VmRam {
         let ram = GuestRam::from_memfd(first, self.size).map_err(|e| e.to_string())?;
         self.memory = Some(ram.memory().clone());
         self.memfd = Some(ram.memfd().try_clone().map_err(|e| e.to_string())?);
-        let vm = Vm::new_incoming(ram, self.cpus, self.echo).map_err(|e| e.to_string())?;
+        let mut vm = Vm::new_incoming(ram, self.cpus, self.echo).map_err(|e| e.to_string())?;
+        self.devices
+            .attach(&mut vm, baton_virtio_net_tap::BackendMode::Incoming)
+            .map_err(|e| e.to_string())?;
         *self.slot.lock() = Some(vm);
         Ok(())
     }

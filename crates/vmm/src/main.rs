@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use baton_vmm::control::{commands, Ending, Vmm};
+use baton_vmm::control::{commands, Ending, Vmm, VmmConfig};
+use baton_vmm::devices::{CliDevices, DevicePlan};
 use baton_vmm::{parse_size, GuestExit, Vm, VmConfig};
 use clap::Parser;
 
@@ -108,44 +109,6 @@ fn device_registry() -> Result<baton_qdev::DeviceRegistry, String> {
     .map_err(|e| e.to_string())
 }
 
-/// `--device TYPE,help`: the resolved properties with provenance. Real devices are not
-/// wired into baton-vmm yet, so any other `--device` is refused with that reason.
-fn devices(
-    args: &Args,
-    machine: &baton_machine_types::MachineType,
-    reg: &baton_qdev::DeviceRegistry,
-) -> Result<bool, String> {
-    let mut resolver =
-        baton_qdev::PropertyResolver::new(reg).with_compat(machine.compat_settings());
-    for g in &args.global {
-        resolver
-            .add_global(
-                g.parse()
-                    .map_err(|e: baton_qdev::PropertyError| e.to_string())?,
-            )
-            .map_err(|e| e.to_string())?;
-    }
-    let mut helped = false;
-    for d in &args.device {
-        let spec: baton_qdev::DeviceSpec = d
-            .parse()
-            .map_err(|e: baton_qdev::PropertyError| e.to_string())?;
-        let resolved = resolver.resolve(&spec).map_err(|e| e.to_string());
-        if spec.help {
-            let props = resolver.describe(&spec.driver).map_err(|e| e.to_string())?;
-            println!("{}", props.render_help());
-            helped = true;
-        } else {
-            resolved?;
-            return Err(format!(
-                "device type {:?} is not wired into baton-vmm yet",
-                spec.driver
-            ));
-        }
-    }
-    Ok(helped)
-}
-
 fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
     let cfg_err = baton_vmm::Error::Config;
     if args.machine == "help" {
@@ -162,9 +125,12 @@ fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
         tracing::warn!("{w}");
     }
     let registry = device_registry().map_err(cfg_err)?;
-    if devices(args, &machine, &registry).map_err(cfg_err)? {
-        return Ok(true);
-    }
+    let plan = match DevicePlan::from_cli(&args.device, &args.global, &machine, &registry)
+        .map_err(cfg_err)?
+    {
+        CliDevices::Helped => return Ok(true),
+        CliDevices::Plan(p) => p,
+    };
     let vm = match (&args.incoming, &args.kernel) {
         (Some(_), _) => None,
         (None, Some(kernel)) => {
@@ -172,10 +138,14 @@ fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
                 memory: args.memory,
                 cpus: args.cpus,
                 kernel: kernel.clone(),
-                cmdline: args.cmdline.clone(),
+                // The devices first, so the user's words come last and win.
+                cmdline: format!("{} {}", plan.cmdline(), args.cmdline)
+                    .trim()
+                    .to_string(),
                 echo: !args.quiet,
             };
             let mut vm = Vm::new(&cfg)?;
+            plan.attach(&mut vm, baton_virtio_net_tap::BackendMode::Open)?;
             tracing::info!(timings = ?vm.timings(), cmdline = vm.cmdline(), "VM built in {:?}", started.elapsed());
             vm.start()?;
             Some(vm)
@@ -188,11 +158,14 @@ fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
     }
     let vmm = Vmm::new(
         vm,
-        machine.name(),
-        args.memory,
-        args.cpus,
-        !args.quiet,
-        Arc::new(registry),
+        VmmConfig {
+            machine: machine.name(),
+            memory: args.memory,
+            cpus: args.cpus,
+            echo: !args.quiet,
+            registry: Arc::new(registry),
+            plan,
+        },
         qmp.event_sender(),
     );
     for c in &args.migrate_capabilities {

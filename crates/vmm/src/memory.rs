@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Error, Result};
@@ -20,6 +21,12 @@ use crate::error::{Error, Result};
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// First address above 4 GiB, where the rest of RAM goes.
 pub const HIGH_RAM_START: u64 = 1 << 32;
+
+/// Guest RAM as devices see it: another mapping of the same memfd whose writes are
+/// recorded per page (vm-memory's `AtomicBitmap`, bit `n` of word `w` = page `64 w + n` of
+/// a region), so what a device writes into guest memory (received frames, used rings)
+/// reaches the dirty log of a remote migration like the guest's own writes do.
+pub type TrackedMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// One contiguous piece of guest RAM and where it lives in the memfd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,29 +102,18 @@ impl GuestRam {
             )));
         }
         let regions = layout(size);
-        let mut mapped = Vec::with_capacity(regions.len());
-        for r in &regions {
-            let dup = memfd.try_clone().map_err(|source| Error::Io {
-                what: "duplicating the RAM memfd".into(),
-                source,
-            })?;
-            let len = usize::try_from(r.size)
-                .map_err(|_| Error::Memory(format!("region {r:?} too large")))?;
-            let mmap = MmapRegion::from_file(FileOffset::new(dup, r.file_offset), len)
-                .map_err(|e| Error::Memory(format!("mapping {r:?}: {e}")))?;
-            let region =
-                GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr)).ok_or_else(|| {
-                    Error::Memory(format!("region {r:?} overflows the address space"))
-                })?;
-            mapped.push(region);
-        }
-        let memory =
-            GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))?;
+        let memory = map_regions(&memfd, &regions)?;
         Ok(GuestRam {
             memfd,
             regions,
             memory,
         })
+    }
+
+    /// A second mapping of this RAM that records every write made through it (for
+    /// devices; see [`TrackedMemory`]).
+    pub fn tracked(&self) -> Result<TrackedMemory> {
+        map_regions(&self.memfd, &self.regions)
     }
 
     /// The memfd holding all of guest RAM (hand it to another process to share RAM).
@@ -154,6 +150,25 @@ impl GuestRam {
             .ok()
             .map(|p| p as u64)
     }
+}
+
+/// Maps every region of `regions` from `memfd` (shared), with bitmap type `B`.
+fn map_regions<B: NewBitmap>(memfd: &File, regions: &[RamRegion]) -> Result<GuestMemoryMmap<B>> {
+    let mut mapped = Vec::with_capacity(regions.len());
+    for r in regions {
+        let dup = memfd.try_clone().map_err(|source| Error::Io {
+            what: "duplicating the RAM memfd".into(),
+            source,
+        })?;
+        let len = usize::try_from(r.size)
+            .map_err(|_| Error::Memory(format!("region {r:?} too large")))?;
+        let mmap = MmapRegion::<B>::from_file(FileOffset::new(dup, r.file_offset), len)
+            .map_err(|e| Error::Memory(format!("mapping {r:?}: {e}")))?;
+        let region = GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr))
+            .ok_or_else(|| Error::Memory(format!("region {r:?} overflows the address space")))?;
+        mapped.push(region);
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))
 }
 
 #[cfg(test)]

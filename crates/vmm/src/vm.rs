@@ -17,9 +17,10 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::boot::{self, BootEntry};
+use crate::devices::VmDevice;
 use crate::error::{kvm_err, Error, Result};
-use crate::memory::GuestRam;
-use crate::mmio::MmioBus;
+use crate::memory::{GuestRam, TrackedMemory};
+use crate::mmio::{MmioBus, MmioDevice};
 use crate::state::{self, VcpuState, VmState};
 use crate::status::{GuestExit, GuestStatus, StatusDevice, STATUS_BASE, STATUS_SIZE};
 use crate::vcpu::{self, Control, ExitHandlers, RunState, VcpuThread};
@@ -55,6 +56,10 @@ pub struct BootTimings {
 
 /// A KVM virtual machine running a PVH guest.
 pub struct Vm {
+    /// First, so they are dropped (event loops joined) before the VM goes.
+    devices: Vec<Box<dyn VmDevice>>,
+    /// The devices' write-tracking view of `ram`, made with the first device.
+    tracked: Option<TrackedMemory>,
     kvm: Kvm,
     vm: VmFd,
     ram: GuestRam,
@@ -171,6 +176,8 @@ impl Vm {
             status,
         };
         Ok(Vm {
+            devices: Vec::new(),
+            tracked: None,
             kvm,
             vm,
             ram,
@@ -197,14 +204,57 @@ impl Vm {
         Ok(())
     }
 
-    /// Takes every vCPU out of the guest; returns once all are parked.
+    /// Takes every vCPU out of the guest, then quiesces every device; returns once all
+    /// vCPUs are parked and no device touches guest memory or its backend.
     pub fn pause(&self) -> Result<()> {
-        vcpu::transition(&self.ctl, &self.threads, RunState::Paused, PAUSE_TIMEOUT)
+        vcpu::transition(&self.ctl, &self.threads, RunState::Paused, PAUSE_TIMEOUT)?;
+        for d in &self.devices {
+            d.quiesce();
+        }
+        Ok(())
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the devices and then the vCPUs run again.
     pub fn resume(&self) -> Result<()> {
+        for d in &self.devices {
+            d.resume();
+        }
         vcpu::transition(&self.ctl, &self.threads, RunState::Running, PAUSE_TIMEOUT)
+    }
+
+    /// Guest memory for devices: a mapping of the RAM memfd that records the pages
+    /// written through it, which [`Self::dirty_bitmap`] reports with KVM's log.
+    pub fn tracked_memory(&mut self) -> Result<TrackedMemory> {
+        if let Some(m) = &self.tracked {
+            return Ok(m.clone());
+        }
+        let m = self.ram.tracked()?;
+        self.tracked = Some(m.clone());
+        Ok(m)
+    }
+
+    /// Puts `dev` at guest-physical `[base, base + size)`; only before [`Self::start`]
+    /// (the vCPU threads share the bus from then on).
+    pub fn add_mmio(&mut self, base: u64, size: u64, dev: Arc<dyn MmioDevice>) -> Result<()> {
+        if self.is_started() {
+            return Err(Error::Config(format!(
+                "MMIO device at {base:#x}: devices must be added before the VM starts"
+            )));
+        }
+        Arc::get_mut(&mut self.handlers.bus)
+            .ok_or_else(|| Error::Config("the MMIO bus is shared already".into()))?
+            .insert(base, size, dev)
+            .map_err(Error::Config)
+    }
+
+    /// Adds a device to the ones paused, resumed and migrated with the VM.
+    pub fn add_device(&mut self, dev: Box<dyn VmDevice>) {
+        self.devices.push(dev);
+    }
+
+    /// The VM's devices, in the order they were added.
+    pub fn devices(&self) -> &[Box<dyn VmDevice>] {
+        &self.devices
     }
 
     /// Whether the vCPUs are (asked to be) paused.
@@ -284,20 +334,46 @@ impl Vm {
             unsafe { self.vm.set_user_memory_region(region) }
                 .map_err(kvm_err(format!("dirty logging on slot {slot}")))?;
         }
+        if on {
+            for bitmap in self.tracked_bitmaps() {
+                bitmap.reset();
+            }
+        }
         Ok(())
     }
 
-    /// The pages of RAM slot `slot` written by the guest since the last call (KVM clears
-    /// the log as it returns it); bit `n` of word `w` is page `64 w + n` of the slot.
+    fn tracked_bitmaps(&self) -> Vec<&vm_memory::bitmap::AtomicBitmap> {
+        use vm_memory::GuestMemoryBackend;
+        let Some(m) = &self.tracked else {
+            return Vec::new();
+        };
+        m.iter()
+            .map(|r| {
+                let mapping: &vm_memory::MmapRegion<_> = r;
+                mapping.bitmap()
+            })
+            .collect()
+    }
+
+    /// The pages of RAM slot `slot` written by the guest or a device since the last call
+    /// (both logs are cleared as they are read); bit `n` of word `w` is page `64 w + n`
+    /// of the slot.
     pub fn dirty_bitmap(&self, slot: usize) -> Result<Vec<u64>> {
         let r = self
             .ram
             .regions()
             .get(slot)
             .ok_or_else(|| Error::Memory(format!("no RAM slot {slot}")))?;
-        self.vm
+        let mut map = self
+            .vm
             .get_dirty_log(slot as u32, r.size as usize)
-            .map_err(kvm_err(format!("KVM_GET_DIRTY_LOG slot {slot}")))
+            .map_err(kvm_err(format!("KVM_GET_DIRTY_LOG slot {slot}")))?;
+        if let Some(bitmap) = self.tracked_bitmaps().get(slot) {
+            for (w, d) in map.iter_mut().zip(bitmap.get_and_reset()) {
+                *w |= d;
+            }
+        }
+        Ok(map)
     }
 
     /// Guest RAM (its memfd and layout).
