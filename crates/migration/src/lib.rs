@@ -21,6 +21,7 @@ pub mod payload;
 pub mod protocol;
 pub mod ram;
 mod ram_send;
+mod ram_wire;
 pub mod report;
 pub mod source;
 pub mod stream;
@@ -34,7 +35,9 @@ use std::time::Duration;
 pub use destination::{incoming, DestinationVm, Incoming, IncomingOutcome, IncomingSettings};
 pub use error::{MigrationError, StreamError};
 pub use handshake::{Capabilities, MigrationMode, Parameters};
-pub use ram::{DirtyLog, GuestRam, IncomingRam, MemfdRam, OrDirtyLogs, RamLayout, RamRegion};
+pub use ram::{
+    DirtyLog, GuestRam, IncomingRam, MappedRam, MemfdRam, OrDirtyLogs, RamLayout, RamRegion,
+};
 pub use report::{DowntimeReport, MigrationInfo, MigrationMonitor, MigrationStatus, RamStats};
 pub use source::{migrate, MigrationOutcome, SourceVm};
 

@@ -6,8 +6,9 @@
 //! log with the VMM's own write bitmap ([`OrDirtyLogs`]). Tests use the same `MemfdRam`
 //! with a writer thread, so the engine is exercised on real shared memory without KVM.
 //!
-//! RAM_PAGES payload: `region u32 | count u16 | count x (page u64 | kind u8 | data)`, where
-//! kind 0 is a zero page (no data) and kind 1 carries `PAGE_SIZE` bytes.
+//! RAM mapped in this process also offers [`MappedRam`], so pages go from guest memory to
+//! the socket and from the socket into guest memory with the kernel's copy as the only one.
+//! The RAM_PAGES wire format is in `ram_wire`.
 
 use std::fmt;
 use std::fs::File;
@@ -86,6 +87,21 @@ pub trait GuestRam: Send + Sync {
     fn write(&self, region: usize, offset: u64, data: &[u8]) -> Result<(), String>;
     /// The memfd behind `region`, when it can be handed to another process.
     fn memfd(&self, region: usize) -> Option<BorrowedFd<'_>>;
+    /// Direct access, when the RAM is mapped in this process (it then moves without a
+    /// copy in user space); `read`/`write` otherwise.
+    fn mapped(&self) -> Option<&dyn MappedRam> {
+        None
+    }
+}
+
+/// Guest RAM mapped in this process.
+///
+/// # Safety
+/// `host_range` must return an address valid for reads and writes of `len` bytes for as
+/// long as `self` is borrowed, or `None` when the range is not inside one region.
+pub unsafe trait MappedRam: Sync {
+    /// Host address of `len` bytes of `region` at `offset`.
+    fn host_range(&self, region: usize, offset: u64, len: usize) -> Option<NonNull<u8>>;
 }
 
 /// Destination RAM: written page by page (remote, snapshot) or adopted whole (local).
@@ -311,6 +327,20 @@ impl GuestRam for MemfdRam {
     fn memfd(&self, region: usize) -> Option<BorrowedFd<'_>> {
         self.maps.get(region).map(|m| m.fd.as_fd())
     }
+
+    fn mapped(&self) -> Option<&dyn MappedRam> {
+        Some(self)
+    }
+}
+
+// SAFETY: `range` checks the bounds; the mapping lives until `self` drops, and `self` is
+// only replaced (adopt_memfds) through `&mut self`, so never while borrowed.
+unsafe impl MappedRam for MemfdRam {
+    fn host_range(&self, region: usize, offset: u64, len: usize) -> Option<NonNull<u8>> {
+        let m = self.range(region, offset, len).ok()?;
+        // SAFETY: offset + len is within the mapping (checked by `range`).
+        Some(unsafe { m.ptr.add(offset as usize) })
+    }
 }
 
 impl IncomingRam for MemfdRam {
@@ -358,73 +388,4 @@ impl DirtyLog for MemfdWriteLog<'_> {
     }
 }
 
-/// Whether a page is all zeros (no early exit, so it vectorises).
-pub fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16).fold(0u128, |acc, c| {
-        acc | u128::from_ne_bytes(c.try_into().unwrap_or([1; 16]))
-    }) == 0
-        && page.chunks_exact(16).remainder().iter().all(|b| *b == 0)
-}
-
-pub const PAGE_ZERO: u8 = 0;
-pub const PAGE_DATA: u8 = 1;
-/// Pages per RAM_PAGES section.
-pub const PAGES_PER_SECTION: usize = 64;
-
-/// Apply one RAM_PAGES payload; errors say what is wrong, never panic.
-pub fn apply_pages(
-    ram: &dyn GuestRam,
-    layout: &RamLayout,
-    payload: &[u8],
-) -> Result<(u64, u64), String> {
-    let take = |at: usize, n: usize| -> Result<&[u8], String> {
-        payload.get(at..at + n).ok_or_else(|| {
-            format!(
-                "truncated at byte {at} (needs {n} more of {})",
-                payload.len()
-            )
-        })
-    };
-    let region = u32::from_le_bytes(take(0, 4)?.try_into().map_err(|_| "region")?) as usize;
-    let count = u16::from_le_bytes(take(4, 2)?.try_into().map_err(|_| "count")?);
-    let r = layout.regions.get(region).ok_or_else(|| {
-        format!(
-            "region {region} does not exist ({} regions)",
-            layout.regions.len()
-        )
-    })?;
-    let mut at = 6;
-    let (mut zero, mut data) = (0, 0);
-    let zeros = [0u8; PAGE_SIZE as usize];
-    for i in 0..count {
-        let page = u64::from_le_bytes(take(at, 8)?.try_into().map_err(|_| "page")?);
-        let kind = take(at + 8, 1)?[0];
-        at += 9;
-        if page >= r.pages() {
-            return Err(format!(
-                "page {i}: index {page} beyond region {region}'s {} pages",
-                r.pages()
-            ));
-        }
-        let offset = page * PAGE_SIZE;
-        match kind {
-            PAGE_ZERO => {
-                ram.write(region, offset, &zeros)?;
-                zero += 1;
-            }
-            PAGE_DATA => {
-                ram.write(region, offset, take(at, PAGE_SIZE as usize)?)?;
-                at += PAGE_SIZE as usize;
-                data += 1;
-            }
-            k => return Err(format!("page {i}: unknown page kind {k}")),
-        }
-    }
-    if at != payload.len() {
-        return Err(format!(
-            "{} bytes left over after {count} pages",
-            payload.len() - at
-        ));
-    }
-    Ok((zero, data))
-}
+pub use crate::ram_wire::{apply_pages, is_zero, PAGES_PER_SECTION, PAGE_DATA, PAGE_ZERO};

@@ -239,3 +239,83 @@ fn snapshot_and_restore() {
     assert_eq!(states[1]["content"]["state"]["ring_size"], 128);
     assert!(v["ram"]["pages"].as_u64().unwrap() >= lay.total_bytes() / 4096);
 }
+
+/// RAM that offers no mapping: the engine falls back to `read`/`write` (a VMM whose RAM
+/// lives elsewhere).
+struct Unmapped(MemfdRam);
+
+impl GuestRam for Unmapped {
+    fn layout(&self) -> baton_migration::RamLayout {
+        self.0.layout()
+    }
+    fn read(&self, region: usize, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        self.0.read(region, offset, out)
+    }
+    fn write(&self, region: usize, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.0.write(region, offset, data)
+    }
+    fn memfd(&self, region: usize) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.0.memfd(region)
+    }
+}
+
+impl baton_migration::IncomingRam for Unmapped {
+    fn adopt_memfds(&mut self, fds: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
+        self.0.adopt_memfds(fds)
+    }
+}
+
+#[test]
+fn remote_with_ram_that_is_not_mapped_here() {
+    let dir = TempDir::new("unmapped");
+    let (listener, target) = listen(&Via::Unix, &dir);
+    let lay = layout(8);
+    let src = Unmapped(MemfdRam::new(&lay).unwrap());
+    for p in (0..lay.regions[0].pages()).step_by(2) {
+        src.write(0, p * 4096 + 9, &p.to_le_bytes()).unwrap();
+    }
+    let caps = Capabilities {
+        multifd: true,
+        ..Default::default()
+    };
+    let in_settings = IncomingSettings {
+        machine_type: "microvm-1.1".into(),
+        capabilities: caps.clone(),
+    };
+    let dst = thread::spawn(move || {
+        let mut ram = Unmapped(MemfdRam::new(&layout(8)).unwrap());
+        let mut devs = counters(2, Side::Destination { adopt: false });
+        let mut gate = Gate::default();
+        incoming(
+            listener,
+            &in_settings,
+            DestinationVm {
+                devices: &mut devs,
+                ram: &mut ram,
+                control: &mut gate,
+            },
+            &MigrationMonitor::new(),
+        )
+        .expect("incoming");
+        ram
+    });
+    let mut devs = counters(2, Side::Source);
+    let mut log = src.0.write_log();
+    migrate(
+        &target,
+        &settings(MigrationMode::Remote, caps),
+        SourceVm {
+            devices: &mut devs,
+            ram: &src,
+            dirty_log: &mut log,
+            control: &mut Gate::default(),
+        },
+        &MigrationMonitor::new(),
+    )
+    .expect("migration");
+    let dst = dst.join().unwrap();
+    assert!(dst.mapped().is_none() && src.mapped().is_none());
+    for r in 0..2 {
+        assert_eq!(src.0.snapshot(r), dst.0.snapshot(r), "region {r}");
+    }
+}

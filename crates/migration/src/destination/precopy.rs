@@ -14,9 +14,10 @@ use crate::error::{MigrationError, StreamError};
 use crate::handshake::MigrationMode;
 use crate::payload::DeviceBlob;
 use crate::protocol::SectionType;
-use crate::ram::{apply_pages, IncomingRam, RamLayout};
+use crate::ram::{IncomingRam, RamLayout};
+use crate::ram_wire::{recv_pages, RecvBuffers};
 use crate::report::{MigrationMonitor, MigrationStatus};
-use crate::transport::{Channel, Section, ShutdownHandle};
+use crate::transport::{Channel, ShutdownHandle};
 
 use super::{check_version, DestRun, DestinationVm, Session};
 
@@ -130,8 +131,14 @@ fn main_loop(
     if early_expected == 0 {
         active();
     }
+    let mut bufs = RecvBuffers::default();
     loop {
-        let s = main.recv()?;
+        let head = main.recv_head()?;
+        if head.ty == SectionType::RamPages && hello.mode != MigrationMode::Local {
+            recv_pages(main, head, ram, &session.layout, &mut bufs)?;
+            continue;
+        }
+        let s = main.recv_rest(head)?;
         match s.ty {
             SectionType::EarlyState => {
                 main.expect(&s, &[SectionType::EarlyState])?;
@@ -159,11 +166,6 @@ fn main_loop(
                     }
                     active();
                 }
-            }
-            SectionType::RamPages if hello.mode != MigrationMode::Local => {
-                main.expect(&s, &[SectionType::RamPages])?;
-                apply_pages(ram, &session.layout, &s.payload)
-                    .map_err(|e| main.bad_payload(&s, e))?;
             }
             SectionType::RamIterationEnd if hello.mode == MigrationMode::Remote => {
                 main.expect(&s, &[SectionType::RamIterationEnd])?;
@@ -202,12 +204,15 @@ fn drain_ram_channel(
     ram: &dyn IncomingRam,
     layout: &RamLayout,
 ) -> Result<(), MigrationError> {
+    let mut bufs = RecvBuffers::default();
     loop {
-        let s: Section = ch.recv()?;
-        ch.expect(&s, &[SectionType::RamPages, SectionType::RamEos])?;
-        if s.ty == SectionType::RamEos {
-            return Ok(());
+        let head = ch.recv_head()?;
+        if head.ty == SectionType::RamPages {
+            recv_pages(&mut ch, head, ram, layout, &mut bufs)?;
+            continue;
         }
-        apply_pages(ram, layout, &s.payload).map_err(|e| ch.bad_payload(&s, e))?;
+        let s = ch.recv_rest(head)?;
+        ch.expect(&s, &[SectionType::RamPages, SectionType::RamEos])?;
+        return Ok(());
     }
 }

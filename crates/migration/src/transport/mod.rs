@@ -6,18 +6,22 @@
 //! the kernel to that section's first byte) arrive with that section and no other. Fds that
 //! arrive with a section that carries none are an error, and are closed.
 
+mod sys;
+
 use std::fs::File;
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use sys::{readv_exact, recv_exact_with_fds, recv_iov_with_fds, sendmsg_all};
+
 use crate::error::StreamError;
 use crate::protocol::{
-    encode_section_header, footer, ChannelHeader, SectionType, FOOTER_MAGIC, MAX_SECTION_FDS,
-    MAX_SECTION_LEN, SECTION_HEADER_LEN,
+    encode_section_header, footer, ChannelHeader, SectionType, FOOTER_MAGIC, MAX_SECTION_LEN,
+    SECTION_HEADER_LEN,
 };
 
 /// The byte transport under a channel.
@@ -79,6 +83,15 @@ impl ShutdownHandle {
             ShutdownHandle::Tcp(s) => s.shutdown(how),
         };
     }
+}
+
+/// A received section header, its payload still in the channel.
+#[derive(Debug)]
+pub(crate) struct SectionHead {
+    pub ty: SectionType,
+    pub seq: u32,
+    pub len: u32,
+    fds: Vec<OwnedFd>,
 }
 
 /// One received section.
@@ -273,6 +286,28 @@ impl Channel {
 
     /// Receive the next section, checking type, order, length and footer.
     pub fn recv(&mut self) -> Result<Section, StreamError> {
+        let head = self.recv_head()?;
+        self.recv_rest(head)
+    }
+
+    /// The rest of the section `head` introduced, into a buffer of its own.
+    pub(crate) fn recv_rest(&mut self, head: SectionHead) -> Result<Section, StreamError> {
+        let mut payload = vec![0u8; head.len as usize];
+        self.read_payload(&head, &mut payload)?;
+        let (ty, seq) = (head.ty, head.seq);
+        let fds = self.finish_recv(head)?;
+        Ok(Section {
+            ty,
+            seq,
+            payload,
+            fds,
+        })
+    }
+
+    /// The first half of [`Channel::recv`]: the section header, checked. The payload is
+    /// then read (in pieces, wherever it belongs) and [`Channel::finish_recv`] checks
+    /// the footer.
+    pub(crate) fn recv_head(&mut self) -> Result<SectionHead, StreamError> {
         let seq_expected = self.recv_seq;
         let mut h = [0u8; SECTION_HEADER_LEN];
         let ctx = match self.last_recv {
@@ -307,11 +342,49 @@ impl Channel {
                 max: MAX_SECTION_LEN,
             });
         }
-        let ctx = format!("reading section #{seq} {ty}");
-        let mut payload = vec![0u8; len as usize];
-        self.read_exact(&mut payload, &ctx)?;
+        Ok(SectionHead { ty, seq, len, fds })
+    }
+
+    /// Read the next `buf.len()` bytes of the payload of `head`.
+    pub(crate) fn read_payload(
+        &mut self,
+        head: &SectionHead,
+        buf: &mut [u8],
+    ) -> Result<(), StreamError> {
+        self.read_exact(buf, &format!("reading section #{} {}", head.seq, head.ty))
+    }
+
+    /// Read payload bytes of `head` straight into `iov` (guest RAM), filling each in turn.
+    ///
+    /// # Safety
+    /// Every iovec must be valid for writes of its length, and not be read or written
+    /// by anyone else until this returns.
+    pub(crate) unsafe fn read_payload_iov(
+        &mut self,
+        head: &SectionHead,
+        iov: &mut [libc::iovec],
+    ) -> Result<(), StreamError> {
+        let r = match &mut self.io {
+            // SAFETY: the caller vouches for the iovecs.
+            Transport::Unix(s) => unsafe { recv_iov_with_fds(s, iov, &mut self.fds) },
+            // SAFETY: as above.
+            Transport::Tcp(s) => unsafe { readv_exact(s.as_raw_fd(), iov) },
+            Transport::FileReader(f) => iov.iter().try_for_each(|v| {
+                // SAFETY: as above; one iovec at a time through the buffered reader.
+                let b = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast(), v.iov_len) };
+                f.read_exact(b)
+            }),
+            Transport::FileWriter(_) => Err(std::io::Error::other("channel is write-only")),
+        };
+        let ctx = format!("reading section #{} {}", head.seq, head.ty);
+        r.map_err(|e| self.io_err(&ctx, e))
+    }
+
+    /// The footer of `head`'s section; returns the fds that came with its first byte.
+    pub(crate) fn finish_recv(&mut self, head: SectionHead) -> Result<Vec<OwnedFd>, StreamError> {
+        let (ty, seq) = (head.ty, head.seq);
         let mut f = [0u8; 4];
-        self.read_exact(&mut f, &ctx)?;
+        self.read_exact(&mut f, &format!("reading section #{seq} {ty}"))?;
         let got = u32::from_le_bytes(f);
         if got != FOOTER_MAGIC ^ seq {
             return Err(StreamError::BadFooter {
@@ -334,12 +407,58 @@ impl Channel {
         }
         self.recv_seq = self.recv_seq.wrapping_add(1);
         self.last_recv = Some(ty);
-        Ok(Section {
-            ty,
-            seq,
-            payload,
-            fds,
-        })
+        Ok(head.fds)
+    }
+
+    /// Send one section (no fds) whose payload is the concatenation of `iov`, in as few
+    /// system calls as the socket takes: nothing is copied in user space.
+    ///
+    /// # Safety
+    /// Every iovec must be valid for reads of its length until this returns.
+    pub(crate) unsafe fn send_iov(
+        &mut self,
+        ty: SectionType,
+        iov: &[libc::iovec],
+    ) -> Result<(), StreamError> {
+        let seq = self.send_seq;
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let len = u32::try_from(total)
+            .ok()
+            .filter(|l| *l <= MAX_SECTION_LEN)
+            .ok_or_else(|| StreamError::TooLong {
+                channel: self.name.clone(),
+                seq,
+                ty: ty.to_string(),
+                len: total.min(u32::MAX as usize) as u32,
+                max: MAX_SECTION_LEN,
+            })?;
+        let header = encode_section_header(ty, seq, len);
+        let foot = footer(seq);
+        let mut all = Vec::with_capacity(iov.len() + 2);
+        all.push(libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: header.len(),
+        });
+        all.extend_from_slice(iov);
+        all.push(libc::iovec {
+            iov_base: foot.as_ptr() as *mut libc::c_void,
+            iov_len: foot.len(),
+        });
+        let r = match &mut self.io {
+            // SAFETY: header and footer live on this frame; the caller vouches for the rest.
+            Transport::Unix(s) => unsafe { sendmsg_all(s.as_raw_fd(), &mut all) },
+            // SAFETY: as above.
+            Transport::Tcp(s) => unsafe { sendmsg_all(s.as_raw_fd(), &mut all) },
+            Transport::FileWriter(f) => all.iter().try_for_each(|v| {
+                // SAFETY: as above.
+                f.write_all(unsafe { std::slice::from_raw_parts(v.iov_base.cast(), v.iov_len) })
+            }),
+            Transport::FileReader(_) => Err(std::io::Error::other("channel is read-only")),
+        };
+        r.map_err(|e| self.io_err(&format!("sending section #{seq} {ty}"), e))?;
+        self.bytes_sent += (SECTION_HEADER_LEN + total + 4) as u64;
+        self.send_seq = self.send_seq.wrapping_add(1);
+        Ok(())
     }
 
     /// Receive a section that must be of type `want` and carry no fds.
@@ -394,37 +513,4 @@ impl Channel {
             source: e,
         }
     }
-}
-
-fn recv_exact_with_fds(
-    s: &UnixStream,
-    mut buf: &mut [u8],
-    out: &mut Vec<OwnedFd>,
-) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        let mut iov = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        let mut fds: [RawFd; MAX_SECTION_FDS] = [-1; MAX_SECTION_FDS];
-        // SAFETY: the iovec points into `buf`, valid for its length; fds is a plain array.
-        let r = unsafe { s.recv_with_fds(&mut iov, &mut fds) };
-        let (n, nfds) = match r {
-            Ok(x) => x,
-            Err(e) if e.errno() == libc::EINTR => continue,
-            Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())),
-        };
-        for &fd in &fds[..nfds] {
-            // SAFETY: the kernel just installed this fd for us; nobody else owns it.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: F_SETFD on an fd we own; FD_CLOEXEC is per fd, not per file.
-            unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-            out.push(owned);
-        }
-        if n == 0 {
-            return Err(ErrorKind::UnexpectedEof.into());
-        }
-        buf = &mut buf[n..];
-    }
-    Ok(())
 }
