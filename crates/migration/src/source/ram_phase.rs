@@ -33,14 +33,14 @@ impl SourceRun<'_> {
             MigrationMode::Remote => {
                 self.monitor.set_status(MigrationStatus::Active);
                 vm.dirty_log.start().map_err(MigrationError::Ram)?;
-                let mut dirty = full_bitmaps(&layout);
+                let mut dirty = full_bitmaps(layout);
                 let limit = Duration::from_millis(s.parameters.downtime_limit);
                 loop {
                     let t = Instant::now();
                     let sent =
-                        send_pass(main, ram_chans, vm.ram, &layout, &dirty, &limiter, cancel)?;
+                        send_pass(main, ram_chans, vm.ram, layout, &dirty, &limiter, cancel)?;
                     self.account(&sent, t.elapsed());
-                    dirty = empty_bitmaps(&layout);
+                    dirty = empty_bitmaps(layout);
                     vm.dirty_log
                         .collect(&mut dirty)
                         .map_err(MigrationError::Ram)?;
@@ -73,7 +73,7 @@ impl SourceRun<'_> {
                     .collect(&mut dirty)
                     .map_err(MigrationError::Ram)?;
                 vm.dirty_log.stop();
-                let sent = send_pass(main, ram_chans, vm.ram, &layout, &dirty, &limiter, cancel)?;
+                let sent = send_pass(main, ram_chans, vm.ram, layout, &dirty, &limiter, cancel)?;
                 self.account(&sent, t.elapsed());
                 for ch in ram_chans.iter_mut() {
                     ch.send(SectionType::RamEos, &[], &[])?;
@@ -87,8 +87,8 @@ impl SourceRun<'_> {
                     main,
                     &mut [],
                     vm.ram,
-                    &layout,
-                    &full_bitmaps(&layout),
+                    layout,
+                    &full_bitmaps(layout),
                     &limiter,
                     cancel,
                 )?;

@@ -244,7 +244,7 @@ pub fn counter_devices(n: usize, side: Side) -> Vec<CounterDevice> {
     (0..n)
         .map(|i| {
             let id = format!("ctr{i}");
-            let d = match side {
+            match side {
                 Side::Source => {
                     let mut d = CounterDevice::new_source(&id, 64 << i);
                     for _ in 0..(10 + i) {
@@ -258,8 +258,7 @@ pub fn counter_devices(n: usize, side: Side) -> Vec<CounterDevice> {
                     d.backend_transfer = false;
                     d
                 }
-            };
-            d
+            }
         })
         .collect()
 }
