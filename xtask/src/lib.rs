@@ -7,7 +7,9 @@
 //! * `guest/baton-guest.elf` — the harness guest image ([`guest::elf_path`]).
 //! * `guest/build/` — the guest's own cargo target directory.
 //! * `qemu/` — QEMU 7.2 unpacked from Debian packages ([`qemu`]).
+//! * `bench/live-update.json` — the numbers of `cargo xtask bench live-update` ([`bench`]).
 
+pub mod bench;
 pub mod demo;
 pub mod guest;
 pub mod qemu;

@@ -10,6 +10,7 @@
 //!     --accel A       tcg (default) or kvm
 //!     --timeout SECS  give up after SECS (default 120)
 //!     --fetch-only    only download and unpack QEMU
+//! cargo xtask bench live-update     local live-update downtime, baton vs QEMU (see bench.rs)
 //! ```
 
 use std::process::ExitCode;
@@ -36,12 +37,13 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("qemu") => qemu_cmd(&args[1..]),
+        Some("bench") => xtask::bench::main(&args[1..]),
         Some("demo") => match &args[1..] {
             [] => xtask::demo::demo("1G"),
             [flag, size] if flag == "--memory" => xtask::demo::demo(size),
             _ => Err(err!("usage: cargo xtask demo [--memory SIZE]")),
         },
-        _ => Err(err!("usage: cargo xtask demo [--memory SIZE] | cargo xtask guest | cargo xtask qemu [--passes N] [--region SIZE] [--memory SIZE] [--accel tcg|kvm] [--timeout SECS] [--fetch-only]")),
+        _ => Err(err!("usage: cargo xtask demo [--memory SIZE] | cargo xtask guest | cargo xtask qemu [--passes N] [--region SIZE] [--memory SIZE] [--accel tcg|kvm] [--timeout SECS] [--fetch-only] | cargo xtask bench live-update [--runs N]")),
     }
 }
 
