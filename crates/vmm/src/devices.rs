@@ -350,6 +350,90 @@ mod tests {
         assert!(MmioSlot::nth(MAX_VIRTIO_DEVICES - 1).unwrap().gsi <= 23);
     }
 
+    fn plan(
+        machine: &str,
+        devices: &[&str],
+        globals: &[&str],
+    ) -> std::result::Result<DevicePlan, String> {
+        let machine = baton_machine_types::MachineRegistry::builtin()
+            .lookup(machine)
+            .map_err(|e| e.to_string())?;
+        let registry = DeviceRegistry::with_types([
+            baton_virtio_net_tap::device_type(),
+            baton_vhost_user_blk::device_type(),
+        ])
+        .map_err(|e| e.to_string())?;
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        match DevicePlan::from_cli(&s(devices), &s(globals), &machine, &registry)? {
+            CliDevices::Plan(p) => Ok(p),
+            CliDevices::Helped => Err("help".into()),
+        }
+    }
+
+    #[test]
+    fn plans_from_the_command_line() {
+        let p = plan(
+            "microvm",
+            &[
+                "virtio-net-tap,id=net0,ifname=tap0,queues=2",
+                "virtio-net-tap,id=net1,ifname=tap1,backend-transfer=off",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.nets.len(), 2);
+        assert_eq!(p.nets[0].config.queue_pairs, 2);
+        assert!(p.nets[0].config.backend_transfer && !p.nets[1].config.backend_transfer);
+        assert_eq!(
+            p.cmdline(),
+            "virtio_mmio.device=512@0xd0000000:16 virtio_mmio.device=512@0xd0001000:17"
+        );
+        // Incoming without the capability: nobody waits for a backend.
+        let off = p.for_incoming(&Capabilities::default());
+        assert!(off.nets.iter().all(|n| !n.config.backend_transfer));
+        let caps = Capabilities {
+            backend_transfer: true,
+            ..Capabilities::default()
+        };
+        let on = p.for_incoming(&caps);
+        assert!(on.nets[0].config.backend_transfer && !on.nets[1].config.backend_transfer);
+    }
+
+    #[test]
+    fn machine_compat_and_globals_apply() {
+        let dev = ["virtio-net-tap,id=net0,ifname=tap0"];
+        let old = plan("microvm-1.0", &dev, &[]).unwrap();
+        assert!(!old.nets[0].config.backend_transfer && !old.nets[0].config.early_setup);
+        let new = plan("microvm", &dev, &[]).unwrap();
+        assert!(new.nets[0].config.backend_transfer && new.nets[0].config.early_setup);
+        let g = plan("microvm-1.0", &dev, &["virtio-net-tap.backend-transfer=on"]).unwrap();
+        assert!(g.nets[0].config.backend_transfer);
+        assert_eq!(g.globals.len(), 1);
+    }
+
+    #[test]
+    fn bad_devices_fail_with_qdev_text() {
+        let err = |d: &[&str]| plan("microvm", d, &[]).unwrap_err();
+        assert_eq!(
+            err(&["virtio-net-tap,id=net0,ifname=tap0,queues=0"]),
+            "device 'net0' (virtio-net-tap): invalid value '0' for property 'queues' \
+             (explicit): 0 is out of range 1..=256"
+        );
+        assert!(err(&["virtio-net-tap,id=net0"]).contains("ifname"));
+        assert!(err(&["virtio-net-tap,ifname=t"]).contains("id= is required"));
+        assert!(err(&[
+            "virtio-net-tap,id=a,ifname=t",
+            "virtio-net-tap,id=a,ifname=u"
+        ])
+        .contains("used twice"));
+        assert!(err(&["vhost-user-blk,id=d0,socket=/s"]).contains("not wired"));
+        let nine: Vec<String> = (0..9)
+            .map(|i| format!("virtio-net-tap,id=n{i},ifname=t{i}"))
+            .collect();
+        let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
+        assert!(err(&nine).contains("at most 8"));
+    }
+
     #[test]
     fn rarp_is_a_60_byte_reverse_request() {
         let f = rarp_frame([2, 0, 0, 0, 0, 1]);

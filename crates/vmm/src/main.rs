@@ -22,9 +22,9 @@ use clap::Parser;
     about = "baton's reference VMM (KVM bring-up)"
 )]
 struct Args {
-    /// ELF kernel with a PVH entry note (e.g. target/guest/baton-guest.elf); not used
-    /// with --incoming.
-    #[arg(long, required_unless_present_any = ["incoming", "device"])]
+    /// ELF kernel with a PVH entry note (e.g. target/guest/baton-guest.elf); required
+    /// unless --incoming (or a `help` query).
+    #[arg(long)]
     kernel: Option<PathBuf>,
     /// Machine type (`microvm` = newest; `help` lists them).
     #[arg(long, default_value = "microvm")]

@@ -206,6 +206,30 @@ mod tests {
     }
 
     #[test]
+    fn writes_through_the_tracked_mapping_are_recorded_and_shared() {
+        use vm_memory::GuestMemoryBackend;
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let tracked = ram.tracked().unwrap();
+        tracked
+            .write_obj(0x5a5a_u16, GuestAddress(0x3_2000))
+            .unwrap();
+        assert_eq!(
+            ram.memory()
+                .read_obj::<u16>(GuestAddress(0x3_2000))
+                .unwrap(),
+            0x5a5a
+        );
+        let region = tracked.iter().next().unwrap();
+        let mapping: &MmapRegion<AtomicBitmap> = region;
+        let bits = mapping.bitmap().get_and_reset();
+        assert_eq!(bits[0], 1 << 0x32, "page 0x32 and only it");
+        assert!(bits[1..].iter().all(|w| *w == 0));
+        // Writes through the untracked mapping (the guest's view) are not recorded.
+        ram.memory().write_obj(1u8, GuestAddress(0x1000)).unwrap();
+        assert!(mapping.bitmap().get_and_reset().iter().all(|w| *w == 0));
+    }
+
+    #[test]
     fn a_second_mapping_of_the_memfd_sees_the_same_ram() {
         let ram = GuestRam::new(8 << 20).unwrap();
         ram.memory()

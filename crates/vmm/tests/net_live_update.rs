@@ -128,16 +128,16 @@ fn backend_transfer_on_one_side_only_is_refused_in_the_handshake() {
     let dir = TempDir::new("btmis");
     let uri = format!("unix:{}", dir.path("mig.sock").display());
     let traffic = Traffic::start(
-        vec![PacketSocket::open(&ns, "tap0").expect("AF_PACKET socket")],
+        vec![PacketSocket::open(&ns.name, "tap0").expect("AF_PACKET socket")],
         HOST_INTERVAL,
     );
-    let src = spawn_net_source(&dir, &ns, "microvm", &net_device(""), CAPS);
+    let src = spawn_net_source(&dir, &ns.name, "microvm", &net_device(""), CAPS);
     traffic.set_sending(0, true);
     wait_flowing(&traffic, &TrafficStats::default(), "before", &[&src]);
     let mut dst = spawn_net_destination(
         "dst",
         &dir,
-        &ns,
+        &ns.name,
         "microvm",
         &net_device(",backend-transfer=off"),
         CAPS,

@@ -73,8 +73,7 @@ fn assert_continued(src: &Vmm, dst: &Vmm) {
         let last_src = src
             .guest("status")
             .into_iter()
-            .filter(|(_, kv)| kv.get("cpu") == Some(&cpu))
-            .last()
+            .rfind(|(_, kv)| kv.get("cpu") == Some(&cpu))
             .expect("source status");
         let first_dst = dst
             .guest("status")
