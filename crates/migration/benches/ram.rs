@@ -141,15 +141,30 @@ fn one_migration(via: Via, channels: u16, src: &MemfdRam, dst: &mut MemfdRam) ->
     t.elapsed()
 }
 
-/// Per row: every measured duration, for the summary.
-static TIMES: Mutex<Vec<(String, Vec<Duration>)>> = Mutex::new(Vec::new());
+/// Per row: every measured (wall, CPU) duration, for the summary.
+type Times = Vec<(String, Vec<Duration>, Vec<Duration>)>;
+static TIMES: Mutex<Times> = Mutex::new(Vec::new());
 
-fn record(name: &str, d: Duration) {
+fn record(name: &str, d: Duration, cpu: Duration) {
     let mut t = TIMES.lock().unwrap();
-    match t.iter_mut().find(|(n, _)| n == name) {
-        Some((_, v)) => v.push(d),
-        None => t.push((name.to_owned(), vec![d])),
+    match t.iter_mut().find(|(n, _, _)| n == name) {
+        Some((_, v, c)) => {
+            v.push(d);
+            c.push(cpu);
+        }
+        None => t.push((name.to_owned(), vec![d], vec![cpu])),
     }
+}
+
+/// CPU time of the whole process (every thread, user and system): unlike wall time it
+/// does not grow when other work shares the machine's cores.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 fn median(v: &[Duration]) -> Duration {
@@ -179,13 +194,13 @@ fn main() {
         b.iter_custom(|n| {
             let mut total = Duration::ZERO;
             for _ in 0..n {
-                let t = Instant::now();
+                let (t, c) = (Instant::now(), cpu_time());
                 // The same bytes as the migration: two halves of 128 MiB.
                 to[..from.len()].copy_from_slice(black_box(&from));
                 to[from.len()..].copy_from_slice(black_box(&from));
                 let d = t.elapsed();
                 black_box(&to);
-                record("memcpy", d);
+                record("memcpy", d, cpu_time() - c);
                 total += d;
             }
             total
@@ -212,8 +227,9 @@ fn main() {
             b.iter_custom(|n| {
                 let mut total = Duration::ZERO;
                 for _ in 0..n {
+                    let c = cpu_time();
                     let d = one_migration(via, channels, &src, &mut dst);
-                    record(name, d);
+                    record(name, d, cpu_time() - c);
                     total += d;
                 }
                 total
@@ -228,23 +244,35 @@ fn main() {
     );
 
     let times = TIMES.lock().unwrap();
-    let memcpy = times
+    let (memcpy, memcpy_cpu) = times
         .iter()
-        .find(|(n, _)| n == "memcpy")
-        .map(|(_, v)| median(v))
+        .find(|(n, _, _)| n == "memcpy")
+        .map(|(_, v, c)| (median(v), median(c)))
         .expect("memcpy measured");
     println!("\nRAM throughput, {} MiB, medians:", RAM >> 20);
-    println!("{:<24} {:>10} {:>10} {:>10}", "", "ms", "GB/s", "x memcpy");
-    for (name, v) in times.iter() {
-        let m = median(v);
+    println!(
+        "{:<24} {:>9} {:>8} {:>9} {:>8} {:>10}",
+        "", "wall ms", "GB/s", "x memcpy", "CPU ms", "CPU x mc"
+    );
+    for (name, v, c) in times.iter() {
+        let (m, cpu) = (median(v), median(c));
         println!(
-            "{:<24} {:>10.1} {:>10.2} {:>10.2}",
+            "{:<24} {:>9.1} {:>8.2} {:>9.2} {:>8.1} {:>10.2}",
             name,
             m.as_secs_f64() * 1e3,
             RAM as f64 / m.as_secs_f64() / 1e9,
-            memcpy.as_secs_f64() / m.as_secs_f64()
+            memcpy.as_secs_f64() / m.as_secs_f64(),
+            cpu.as_secs_f64() * 1e3,
+            cpu.as_secs_f64() / memcpy_cpu.as_secs_f64()
         );
     }
+    println!(
+        "(x memcpy: memcpy's wall time over the row's, higher is better; CPU x mc: the \
+         row's CPU time over memcpy's, lower is better; load average {})",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
 }
 
 fn private_netns() -> Result<(), String> {
