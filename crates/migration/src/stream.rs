@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::error::{MigrationError, StreamError};
 use crate::payload::{BackendBlob, DeviceBlob, EarlyFinal, SchemaTrailer};
-use crate::protocol::SectionType;
+use crate::protocol::{encode_section_header, footer, SectionType};
 use crate::transport::{Channel, Section, Transport};
 
 /// Decode the stream in `path` (a snapshot file or a captured main channel) to JSON.
@@ -78,19 +78,26 @@ pub fn analyze(r: BufReader<std::fs::File>) -> Result<Value, MigrationError> {
         out.push(json!({ "section": s.seq, "type": s.ty.name(), "content": v }));
     }
     let mut trailing = Vec::new();
-    let extra = match ch.transport() {
-        Transport::FileReader(_) => {
-            let mut buf = [0u8; 1];
-            let mut ch = ch;
-            match &mut ch_transport(&mut ch) {
-                Some(r) => r.read(&mut buf).unwrap_or(0),
-                None => 0,
-            }
-        }
-        _ => 0,
+    // A main channel captured from a live migration ends with the source's GO.
+    let mut ch = ch;
+    let mut buf = [0u8; 1];
+    let extra = match ch_transport(&mut ch) {
+        Some(r) => r.read(&mut buf).unwrap_or(0),
+        None => 0,
     };
     if extra > 0 {
-        trailing.push("bytes after the SCHEMA trailer");
+        let go = buf[0] == SectionType::Go as u8;
+        let rest_is_go = go && {
+            let mut rest = Vec::new();
+            ch_transport(&mut ch).map(|r| r.read_to_end(&mut rest));
+            let seq = ch.last_recv_seq().wrapping_add(1);
+            let mut go = encode_section_header(SectionType::Go, seq, 0)[1..].to_vec();
+            go.extend_from_slice(&footer(seq));
+            rest == go
+        };
+        if !rest_is_go {
+            trailing.push("bytes after the SCHEMA trailer");
+        }
     }
     Ok(json!({
         "session": header.session.iter().map(|b| format!("{b:02x}")).collect::<String>(),

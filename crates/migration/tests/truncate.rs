@@ -245,8 +245,21 @@ fn live_main_channel_cut_anywhere_fails_naming_the_section() {
     let secs = sections(&stream);
     assert_eq!(secs.last().unwrap().ty, SectionType::Go);
     assert!(secs.iter().any(|s| s.ty == SectionType::RamIterationEnd));
-    // ...replay all of it (a faithful recording migrates again), then every prefix.
+    // The analyzer decodes it from its own schema, GO after the trailer included.
     let dir = TempDir::new("cut-live");
+    let file = dir.0.join("main.bin");
+    std::fs::write(&file, &stream).unwrap();
+    let v = baton_migration::stream::analyze_file(&file).expect("analyze");
+    assert_eq!(v["warnings"], serde_json::json!([]));
+    let states = v["sections"].as_array().unwrap().iter();
+    assert_eq!(states.filter(|s| s["type"] == "DEVICE_STATE").count(), 2);
+    std::fs::write(&file, [&stream[..], &[0u8][..]].concat()).unwrap();
+    let v = baton_migration::stream::analyze_file(&file).expect("analyze");
+    assert_eq!(
+        v["warnings"],
+        serde_json::json!(["bytes after the SCHEMA trailer"])
+    );
+    // ...replay all of it (a faithful recording migrates again), then every prefix.
     replay_unix(&dir, &stream).expect("the whole recording migrates");
     cut_everywhere(&stream, "peer closed the channel", &|b| {
         replay_unix(&dir, b)
