@@ -320,3 +320,35 @@ fn cancel_after_running_undoes_nothing() {
     }
     r.workload.take().unwrap().stop();
 }
+
+#[test]
+fn cancel_after_go_undoes_nothing() {
+    // The destination holds in its vCPU resume, after GO: the source is committed.
+    let latch = Latch::default();
+    let mut s = Spec::new(MigrationMode::Local, local_caps());
+    s.dst_hold_resume = Some(latch.clone());
+    let run = s.start();
+    latch.wait_reached();
+    assert_statuses(&run, MigrationStatus::Device, MigrationStatus::Device);
+    run.src_monitor.cancel();
+    run.dst_monitor.cancel();
+    latch.open();
+    let mut r = run.finish();
+    r.src
+        .as_ref()
+        .expect("a cancel after GO does not stop the migration");
+    r.dst
+        .as_ref()
+        .expect("a cancel after the destination committed does nothing");
+    assert!(!r.src_monitor.is_cancelled() && !r.dst_monitor.is_cancelled());
+    assert_eq!(r.src_monitor.status(), MigrationStatus::Completed);
+    assert!(r.src_gate.is_paused(), "the source stays stopped");
+    assert!(!r.dst_gate.is_paused(), "the destination runs");
+    for d in &mut r.src_devs {
+        assert!(matches!(
+            dev(d).inner.backend,
+            support::testdev::Backend::Released
+        ));
+    }
+    r.workload.take().unwrap().stop();
+}

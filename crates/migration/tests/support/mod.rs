@@ -53,6 +53,8 @@ pub struct Gate {
     requested: Arc<AtomicBool>,
     pub pauses: Arc<AtomicU64>,
     pub resumes: Arc<AtomicU64>,
+    /// `resume` waits for this latch first (to hold a destination between GO and RUNNING).
+    pub hold_resume: Arc<Mutex<Option<relay::Latch>>>,
 }
 
 impl VmControl for Gate {
@@ -64,6 +66,10 @@ impl VmControl for Gate {
         Ok(())
     }
     fn resume(&mut self) -> Result<(), String> {
+        let hold = self.hold_resume.lock().unwrap().clone();
+        if let Some(l) = hold {
+            l.hold();
+        }
         *self.inner.0.lock().map_err(|e| e.to_string())? = false;
         self.inner.1.notify_all();
         self.resumes.fetch_add(1, Ordering::SeqCst);

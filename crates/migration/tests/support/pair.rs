@@ -45,6 +45,8 @@ pub struct Spec {
     pub ram_mib: u64,
     /// Relay plan (UNIX only): how to treat each section and channel header.
     pub plan: Option<(PlanFn, HeaderFn)>,
+    /// The destination's vCPU resume waits for this latch.
+    pub dst_hold_resume: Option<super::relay::Latch>,
 }
 
 impl Spec {
@@ -65,6 +67,7 @@ impl Spec {
             },
             ram_mib: 8,
             plan: None,
+            dst_hold_resume: None,
         }
     }
 
@@ -107,6 +110,7 @@ impl Spec {
         let src_gate = Gate::default();
         let mut dst_gate = Gate::default();
         dst_gate.pause().unwrap();
+        *dst_gate.hold_resume.lock().unwrap() = self.dst_hold_resume.clone();
         let workload = Workload::start(src_ram.clone(), src_gate.clone(), lay.regions[0].pages());
         let (src_monitor, dst_monitor) = (MigrationMonitor::new(), MigrationMonitor::new());
 
