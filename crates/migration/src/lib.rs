@@ -11,8 +11,11 @@
 //! runs the same under baton-vmm on KVM and in tests on plain shared memory.
 //!
 //! The wire protocol and its message sequence are in [`protocol`]. Nothing moves before the
-//! [`handshake`] has compared both sides; until the destination reports RUNNING, a failure
-//! or [`MigrationMonitor::cancel`] resumes the source with nothing lost.
+//! [`handshake`] has compared both sides. Until the source commits (sends GO, after the
+//! destination loaded everything and said READY), a failure or [`MigrationMonitor::cancel`]
+//! resumes the source with nothing lost and the destination discards; after it, cancel has
+//! no effect, and only a connection lost before RUNNING leaves the source paused
+//! ([`MigrationError::Unconfirmed`]), since the destination may run.
 
 // MigrationError carries its context (channel, section, device, both settings) by value:
 // it is built once, on the failure path, and its public shape is what callers match on,

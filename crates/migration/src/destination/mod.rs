@@ -8,8 +8,8 @@
 //! source that dies or is cancelled at any point before it leaves a destination that
 //! never ran.
 //!
-//! Split by phase: this file accepts the channels and runs the handshake, [`precopy`]
-//! receives setup and RAM sections (RAM channels drained in parallel), [`switchover`]
+//! Split by phase: this file accepts the channels and runs the handshake, `precopy`
+//! receives setup and RAM sections (RAM channels drained in parallel), `switchover`
 //! gathers and applies the device sections and commits.
 
 mod precopy;
