@@ -276,3 +276,65 @@ pub fn check(hello: &Hello, local: &LocalView<'_>) -> Vec<String> {
     }
     errors
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ram::RamRegion;
+
+    fn hello(caps: Capabilities, mode: MigrationMode, transport: &str) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            mode,
+            machine_type: "m".into(),
+            transport: transport.into(),
+            capabilities: caps,
+            parameters: Parameters::default(),
+            ram: RamLayout {
+                regions: vec![RamRegion { gpa: 0, size: 4096 }],
+            },
+            devices: Vec::new(),
+            ram_channels: 0,
+        }
+    }
+
+    fn check_on(h: &Hello, transport: &str) -> Vec<String> {
+        check(
+            h,
+            &LocalView {
+                machine_type: "m",
+                transport,
+                capabilities: &h.capabilities,
+                ram: &h.ram,
+                devices: &[],
+            },
+        )
+    }
+
+    #[test]
+    fn fds_over_tcp_are_refused_by_the_destination_too() {
+        // A source that skipped its own check still meets the destination's.
+        let caps = Capabilities {
+            backend_transfer: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            check_on(&hello(caps, MigrationMode::Remote, "tcp"), "tcp"),
+            ["capability backend-transfer needs a UNIX socket, this channel is tcp"]
+        );
+        assert_eq!(
+            check_on(&hello(Capabilities::default(), MigrationMode::Local, "tcp"), "tcp"),
+            ["local mode hands guest RAM over by fd and needs a UNIX socket, this channel is tcp"]
+        );
+        let mut h = hello(Capabilities::default(), MigrationMode::Remote, "unix");
+        assert_eq!(
+            check_on(&h, "tcp"),
+            ["transport: source writes to unix, destination reads from tcp"]
+        );
+        h.protocol_version = 0;
+        assert_eq!(
+            check_on(&h, "unix"),
+            ["protocol version 0 is not supported (destination speaks 1)"]
+        );
+    }
+}

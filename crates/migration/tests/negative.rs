@@ -240,6 +240,12 @@ fn channel_header_of_a_newer_protocol() {
         |b| b[8..12].copy_from_slice(&2u32.to_le_bytes()),
         "channel header: protocol version 2 is not supported (this build speaks 1)",
     );
+    header_test(
+        early(),
+        Chan::Main,
+        |b| b[8..12].copy_from_slice(&0u32.to_le_bytes()),
+        "channel header: protocol version 0 is not supported (this build speaks 1)",
+    );
 }
 
 #[test]
