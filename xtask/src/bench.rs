@@ -1015,6 +1015,10 @@ impl Series {
 }
 
 struct Ctx {
+    /// `/proc/loadavg` and the CPU count when the runs started: other work on the
+    /// machine shows up in every number, so it is recorded next to them.
+    load_before: String,
+    host_cpus: usize,
     vmm: PathBuf,
     elf: PathBuf,
     qemu: Option<qemu::Qemu>,
@@ -1260,6 +1264,13 @@ fn niced_command(cmd: Command) -> Command {
     c
 }
 
+/// The first three fields of `/proc/loadavg`.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Builds `baton-vmm` (release) and returns its path.
 fn build_vmm(target: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -1309,7 +1320,20 @@ pub fn live_update(opts: &LiveUpdateOptions) -> Result<LiveUpdateReport> {
     let logs = target.join("bench").join("live-update-logs");
     let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs).map_err(|e| err!("creating {}: {e}", logs.display()))?;
+    let load_before = loadavg();
+    let host_cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    eprintln!("xtask: {host_cpus} host CPUs, load average {load_before}");
+    if load_before
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse::<f64>().ok())
+        .is_some_and(|l| l > 0.5 * host_cpus as f64)
+    {
+        eprintln!("xtask: warning: the machine is busy; the numbers will be noisy");
+    }
     let ctx = Ctx {
+        load_before,
+        host_cpus,
         vmm,
         elf,
         qemu,
@@ -1417,6 +1441,12 @@ fn render(ctx: &Ctx, series: &[Series], took: Duration) -> LiveUpdateReport {
         ctx.guest_cmdline(),
         o.cpus
     ));
+    t.push_str(&format!(
+        "host: {} CPUs, load average {} before the runs, {} after\n",
+        ctx.host_cpus,
+        ctx.load_before,
+        loadavg()
+    ));
     t.push_str("ms, each cell median / min / max\n\n");
     t.push_str(&format!(
         "{:<24} {:^26}   {:^26}   {:^26}   {:^26}\n",
@@ -1514,6 +1544,12 @@ fn render(ctx: &Ctx, series: &[Series], took: Duration) -> LiveUpdateReport {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0)
+    ));
+    j.push_str(&format!(
+        "  \"host\": {{\"cpus\": {}, \"loadavg_before\": {}, \"loadavg_after\": {}}},\n",
+        ctx.host_cpus,
+        json_str(&ctx.load_before),
+        json_str(&loadavg())
     ));
     j.push_str(&format!(
         "  \"config\": {{\"runs\": {}, \"cpus\": {}, \"memory\": {}, \"small\": {}, \"large\": {}, \"guest_cmdline\": {}, \"vmm\": {}, \"vmm_nice\": {}, \"qemu\": \"-M microvm,acpi=off -accel tcg, memory-backend-file share=on on /dev/shm, x-ignore-shared\"}},\n",
