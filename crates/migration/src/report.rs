@@ -88,13 +88,24 @@ pub struct DestinationPhases {
     pub device_load_us: u64,
     /// Resuming the vCPUs.
     pub resume_us: u64,
+    /// `CLOCK_MONOTONIC` (ns) when the vCPUs were resumed: on the same host the source
+    /// reads the same clock, so pause-to-resume is measured exactly.
+    #[serde(default)]
+    pub resumed_at_ns: u64,
 }
 
 /// Where the pause went, both sides.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DowntimeReport {
-    /// From the source starting to pause to the destination reporting it runs.
+    /// What the guest saw: from the source starting to pause its vCPUs to the
+    /// destination's vCPUs resumed (same host: one monotonic clock; otherwise the same as
+    /// `until_running_us`, an upper bound).
     pub downtime_us: u64,
+    /// From the source starting to pause to RUNNING received. Larger than the pause by
+    /// the return trip, which on a busy host includes scheduling the reply behind the
+    /// guest's now running vCPUs.
+    #[serde(default)]
+    pub until_running_us: u64,
     pub source: SourcePhases,
     pub destination: Option<DestinationPhases>,
 }
@@ -102,7 +113,11 @@ pub struct DowntimeReport {
 impl DowntimeReport {
     /// A human-readable breakdown.
     pub fn render(&self) -> String {
-        let mut s = format!("downtime {:.3} ms\n", self.downtime_us as f64 / 1000.0);
+        let mut s = format!(
+            "downtime {:.3} ms (pause to resume; RUNNING seen by the source after {:.3} ms)\n",
+            self.downtime_us as f64 / 1000.0,
+            self.until_running_us as f64 / 1000.0
+        );
         let src = &self.source;
         for (name, us) in [
             ("source: pause vCPUs", src.pause_us),

@@ -220,9 +220,8 @@ impl DestRun<'_> {
         phases.receive_us = micros(t_switch.elapsed());
         check_complete(main, session, &pending)?;
         apply(vm, pending, &mut phases)?;
+        // The trailer is for analyzers; it is checked after the resume, off the pause.
         let schema = main.recv_expect(SectionType::Schema)?;
-        serde_json::from_slice::<serde_json::Value>(&schema.payload)
-            .map_err(|e| main.bad_payload(&schema, format!("invalid JSON: {e}")))?;
         if !session.file {
             // Two-phase commit: run only when the source says so.
             main.send(SectionType::Ready, &[], &[])?;
@@ -233,6 +232,7 @@ impl DestRun<'_> {
         }
         let t = Instant::now();
         vm.control.resume().map_err(MigrationError::Vm)?;
+        phases.resumed_at_ns = crate::monotonic_ns();
         phases.resume_us = micros(t.elapsed());
         self.prepared.clear();
         if !session.file {
@@ -242,6 +242,9 @@ impl DestRun<'_> {
                 // We run; the source learns it from the closed socket or its own timeout.
                 warn!(error = %e, "could not report RUNNING to the source");
             }
+        }
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&schema.payload) {
+            warn!(error = %e, "the stream's schema trailer is not valid JSON");
         }
         Ok(IncomingOutcome {
             mode: session.hello.mode,

@@ -56,6 +56,7 @@ pub fn migrate(
         exported: Vec::new(),
         paused: false,
         paused_at: None,
+        paused_at_ns: 0,
         phases: SourcePhases::default(),
         ram_stats: RamStats::default(),
     };
@@ -101,6 +102,7 @@ struct SourceRun<'s> {
     exported: Vec<usize>,
     paused: bool,
     paused_at: Option<Instant>,
+    paused_at_ns: u64,
     phases: SourcePhases,
     ram_stats: RamStats,
 }
@@ -410,7 +412,17 @@ impl SourceRun<'_> {
             self.phases.wait_for_destination_us = micros(t.elapsed());
             d
         };
-        let downtime_us = self.paused_at.map(|t| micros(t.elapsed())).unwrap_or(0);
+        let until_running_us = self.paused_at.map(|t| micros(t.elapsed())).unwrap_or(0);
+        // Same host (local mode): both sides read one monotonic clock.
+        let downtime_us = match &destination {
+            Some(d)
+                if self.settings.mode == MigrationMode::Local
+                    && d.resumed_at_ns > self.paused_at_ns =>
+            {
+                (d.resumed_at_ns - self.paused_at_ns) / 1000
+            }
+            _ => until_running_us,
+        };
         // The destination runs: the backends are its own now.
         for i in std::mem::take(&mut self.exported) {
             if let Some(bt) = vm.devices[i].backend_transfer() {
@@ -420,6 +432,7 @@ impl SourceRun<'_> {
         Ok(MigrationOutcome {
             report: DowntimeReport {
                 downtime_us,
+                until_running_us,
                 source: self.phases.clone(),
                 destination,
             },
@@ -431,6 +444,7 @@ impl SourceRun<'_> {
         self.check_cancel()?;
         let t = Instant::now();
         self.paused_at = Some(t);
+        self.paused_at_ns = crate::monotonic_ns();
         self.paused = true;
         vm.control.pause().map_err(MigrationError::Vm)?;
         self.phases.pause_us = micros(t.elapsed());
