@@ -215,18 +215,25 @@ pub fn run_unix(data: &[u8]) {
     let data = data.to_vec();
     let (m2, d2) = (monitor.clone(), done.clone());
     let writer = std::thread::spawn(move || {
-        if let Ok(mut s) = UnixStream::connect_addr(&addr) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        // Write, then drain the return path; a destination that still holds the socket
+        // 200 ms after the last byte waits for something that will never come (a RAM
+        // channel): cancel it.
+        let mut s = UnixStream::connect_addr(&addr).ok();
+        if let Some(s) = &mut s {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
             let _ = s.write_all(&data);
             let _ = s.shutdown(std::net::Shutdown::Write);
-            let mut sink = [0u8; 4096];
-            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
         }
-        for _ in 0..40 {
+        let mut sink = [0u8; 4096];
+        for _ in 0..10 {
             if d2.load(Ordering::SeqCst) {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            match s.as_mut().map(|s| s.read(&mut sink)) {
+                Some(Ok(n)) if n > 0 => continue,
+                Some(Err(_)) => {}
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
         }
         m2.cancel();
     });
