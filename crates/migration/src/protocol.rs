@@ -13,7 +13,9 @@
 //!                                                 <---  HANDSHAKE_REPLY (accept | errors)
 //!        (rejected: both sides fail with the same errors; nothing was paused or moved)
 //! ram i: ChannelHeader(kind=ram, index=i)         --->  match session id, index
-//!        RAM_MEMFDS  + fds (local mode)           --->  map guest RAM from the fds
+//!        RAM_MEMFDS  + fds (local mode)           --->  map guest RAM from the fds,
+//!                                                       build the VM around it
+//!                                                 <---  RAM_MAPPED (local mode)
 //!        EARLY_STATE per device (early-setup)     --->  prepare
 //!                                                 <---  SWITCHOVER_ACK (all prepared)
 //!        RAM_PAGES ... (remote: on main or ram i),
@@ -33,6 +35,9 @@
 //!  -- release backends, exit --
 //! any time:                                       <---  ERROR (text)   -> source resumes
 //! ```
+//!
+//! RAM_MAPPED keeps the destination's expensive preparation (mapping RAM, KVM memory
+//! slots, vCPUs: ~10 ms whatever the RAM size) before the source pauses.
 //!
 //! READY/GO is a two-phase commit. Without it a source cancelled (or failing) after its
 //! last byte would resume while the destination, holding the complete stream, resumed
@@ -165,6 +170,7 @@ section_types! {
     Error = 16, "ERROR";
     Ready = 17, "READY";
     Go = 18, "GO";
+    RamMapped = 19, "RAM_MAPPED";
 }
 
 impl std::fmt::Display for SectionType {

@@ -279,7 +279,7 @@ fn in_device_state(who: Who) {
             &[
                 "main: peer closed the channel reading section #12 (after #11 END)".into(),
                 "main: peer closed the channel reading section #13 (after #12 SCHEMA)".into(),
-                "main: peer closed the channel sending section #2 READY".into(),
+                "main: peer closed the channel sending section #3 READY".into(),
             ],
         );
     } else {

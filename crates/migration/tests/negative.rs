@@ -461,7 +461,7 @@ fn destination_dies_mid_switchover() {
         ) || matches_seq(
             &e,
             "main: peer closed the channel reading section #",
-            &[" (after #1 SWITCHOVER_ACK)"]
+            &[" (after #2 SWITCHOVER_ACK)"]
         ),
         "{e}"
     );
@@ -489,9 +489,93 @@ fn source_dies_before_go_destination_never_runs() {
     assert_eq!(
         r.src_err(),
         "the destination was told to run but did not confirm (main: peer closed the channel \
-         reading section #3 (after #2 READY)); the source stays paused"
+         reading section #4 (after #3 READY)); the source stays paused"
     );
     assert!(r.src_gate.is_paused(), "an unconfirmed source stays paused");
     r.assert_destination_discarded();
     r.workload.take().unwrap().stop();
+}
+
+#[test]
+fn source_dies_before_opening_its_ram_channels() {
+    // A source that announced 2 RAM channels and died after the handshake: the destination
+    // notices the main channel closing instead of waiting for the channels forever.
+    use baton_migration::handshake::{DeviceOffer, Hello, Reply, SchemaVersion};
+    use baton_migration::protocol::{ChannelHeader, PROTOCOL_VERSION};
+    use baton_migration::transport::{Channel, Transport};
+    use baton_vmstate::VmState;
+
+    let dir = TempDir::new("dies-before-ram");
+    let (listener, target) = listen(&Via::Unix, &dir);
+    let caps = multifd();
+    let c2 = caps.clone();
+    let dst = std::thread::spawn(move || {
+        let mut ram = baton_migration::MemfdRam::new(&layout(8)).unwrap();
+        let mut devs = wrapped_counters(2, Side::Destination { adopt: false });
+        let mut gate = Gate::default();
+        gate.pause().unwrap();
+        let r = baton_migration::incoming(
+            listener,
+            &baton_migration::IncomingSettings {
+                machine_type: "microvm-1.1".into(),
+                capabilities: c2,
+            },
+            baton_migration::DestinationVm {
+                devices: &mut devs,
+                ram: &mut ram,
+                control: &mut gate,
+            },
+            &baton_migration::MigrationMonitor::new(),
+        );
+        (r.map(|_| ()), gate)
+    });
+    let baton_migration::Target::Unix(path) = target else {
+        unreachable!()
+    };
+    let mut main = Channel::new(
+        "src",
+        Transport::Unix(std::os::unix::net::UnixStream::connect(path).unwrap()),
+    );
+    main.write_header(&ChannelHeader {
+        version: PROTOCOL_VERSION,
+        session: [7; 16],
+        kind: ChannelKind::Main,
+        index: 0,
+    })
+    .unwrap();
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        mode: MigrationMode::Remote,
+        machine_type: "microvm-1.1".into(),
+        transport: "unix".into(),
+        capabilities: caps,
+        parameters: baton_migration::Parameters::default(),
+        ram: layout(8),
+        devices: (0..2)
+            .map(|i| DeviceOffer {
+                id: format!("ctr{i}"),
+                vmsd: SchemaVersion::of(testdev::CounterState::vmsd()),
+                early_setup: None,
+                backend_transfer: None,
+            })
+            .collect(),
+        ram_channels: 2,
+    };
+    let json = serde_json::to_vec(&hello).unwrap();
+    main.send(SectionType::Handshake, &json, &[]).unwrap();
+    let reply = main.recv().unwrap();
+    let reply: Reply = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(reply.accepted, "{:?}", reply.errors);
+    let t = std::time::Instant::now();
+    drop(main);
+    let (r, gate) = dst.join().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "noticed promptly"
+    );
+    assert_eq!(
+        r.unwrap_err().to_string(),
+        "main: peer closed the channel while the destination waited for RAM channel 1 of 2"
+    );
+    assert!(gate.is_paused());
 }

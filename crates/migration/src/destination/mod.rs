@@ -133,27 +133,62 @@ impl Session {
     }
 }
 
-/// Wait for a connection, waking up to honour a cancel (a blocked `accept` would not).
-fn wait_readable(fd: RawFd, monitor: &MigrationMonitor, name: &str) -> Result<(), MigrationError> {
+/// While accepting RAM channels: the main channel, whose closing means the source is gone.
+struct Watch<'a> {
+    main: &'a Channel,
+    what: String,
+}
+
+/// Wait for a connection, waking up to honour a cancel (a blocked `accept` would not), and
+/// failing when the watched main channel closes (a source that died would otherwise be
+/// waited for until someone cancels).
+fn wait_readable(
+    fd: RawFd,
+    monitor: &MigrationMonitor,
+    name: &str,
+    watch: Option<&Watch<'_>>,
+) -> Result<(), MigrationError> {
+    let main_fd = watch.and_then(|w| match w.main.transport() {
+        Transport::Unix(s) => Some(s.as_raw_fd()),
+        Transport::Tcp(s) => Some(s.as_raw_fd()),
+        _ => None,
+    });
     loop {
         if monitor.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut p, 1, 50) };
-        if r > 0 {
-            return Ok(());
-        }
+        let mut p = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: main_fd.unwrap_or(-1),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds for the duration of the call (a negative fd is ignored).
+        let r = unsafe { libc::poll(p.as_mut_ptr(), 2, 50) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(MigrationError::Config(format!("{name}: waiting: {e}")));
             }
+            continue;
+        }
+        if p[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            if let Some(w) = watch {
+                return Err(StreamError::Closed {
+                    channel: w.main.name().to_owned(),
+                    context: w.what.clone(),
+                }
+                .into());
+            }
+        }
+        if p[0].revents != 0 {
+            return Ok(());
         }
     }
 }
@@ -162,14 +197,15 @@ fn accept(
     source: &Incoming,
     name: &str,
     monitor: &MigrationMonitor,
+    watch: Option<&Watch<'_>>,
 ) -> Result<Channel, MigrationError> {
     let io = match source {
         Incoming::Unix(l) => {
-            wait_readable(l.as_raw_fd(), monitor, name)?;
+            wait_readable(l.as_raw_fd(), monitor, name, watch)?;
             l.accept().map(|(s, _)| Transport::Unix(s))
         }
         Incoming::Tcp(l) => {
-            wait_readable(l.as_raw_fd(), monitor, name)?;
+            wait_readable(l.as_raw_fd(), monitor, name, watch)?;
             l.accept().map(|(s, _)| Transport::Tcp(s))
         }
         Incoming::File(p) => std::fs::File::open(p)
@@ -187,7 +223,7 @@ impl DestRun<'_> {
         // Kept from the start: whatever goes wrong, even the header, is reported back.
         let main = self
             .main
-            .insert(accept(&self.source, "main", self.monitor)?);
+            .insert(accept(&self.source, "main", self.monitor, None)?);
         let header = main.read_header()?;
         if header.kind != ChannelKind::Main || header.index != 0 {
             return Err(StreamError::BadChannelHeader(format!(
@@ -267,8 +303,19 @@ impl DestRun<'_> {
     ) -> Result<Vec<Channel>, MigrationError> {
         let n = session.hello.ram_channels;
         let mut chans: Vec<(u16, Channel)> = Vec::new();
-        for _ in 0..n {
-            let mut ch = accept(&self.source, "ram", self.monitor)?;
+        for i in 0..n {
+            let main = self
+                .main
+                .as_ref()
+                .ok_or_else(|| MigrationError::Config("no main channel".into()))?;
+            let watch = Watch {
+                main,
+                what: format!(
+                    "while the destination waited for RAM channel {} of {n}",
+                    i + 1
+                ),
+            };
+            let mut ch = accept(&self.source, "ram", self.monitor, Some(&watch))?;
             let h = ch.read_header()?;
             if h.session != main_header.session {
                 return Err(StreamError::BadChannelHeader(
@@ -314,7 +361,10 @@ impl DestRun<'_> {
         }
         vm.ram
             .adopt_memfds(s.fds)
-            .map_err(|e| MigrationError::Ram(format!("adopting the source's memfds: {e}")))
+            .map_err(|e| MigrationError::Ram(format!("adopting the source's memfds: {e}")))?;
+        // The source pauses only after this: mapping and VM creation stay off the pause.
+        main.send(SectionType::RamMapped, &[], &[])?;
+        Ok(())
     }
 }
 

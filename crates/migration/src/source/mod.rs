@@ -306,6 +306,7 @@ impl SourceRun<'_> {
             }
             .save();
             main.send(SectionType::RamMemfds, &p, &fds)?;
+            self.recv_return(main, SectionType::RamMapped)?;
         }
 
         // Early setup: send now, keep the bytes to compare at switchover.
