@@ -503,6 +503,7 @@ fn source_dies_before_opening_its_ram_channels() {
     use baton_migration::handshake::{DeviceOffer, Hello, Reply, SchemaVersion};
     use baton_migration::protocol::{ChannelHeader, PROTOCOL_VERSION};
     use baton_migration::transport::{Channel, Transport};
+    use baton_migration::VmControl;
     use baton_vmstate::VmState;
 
     let dir = TempDir::new("dies-before-ram");
