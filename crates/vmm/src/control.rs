@@ -236,7 +236,7 @@ impl Vmm {
             devices.extend(vm.devices().iter().map(|d| d.migratable()));
         }
         let mut log = KvmDirtyLog(self.slot.clone());
-        let mut control = VcpuControl(self.slot.clone());
+        let mut control = VcpuControl::source(self.slot.clone());
         let snapshot = settings.mode == MigrationMode::Snapshot;
         let r = migrate(
             &target,
@@ -307,7 +307,11 @@ impl Vmm {
         } else {
             GuestRam::new(self.memory)
                 .and_then(|r| Vm::new_incoming(r, self.cpus, self.echo))
-                .and_then(|mut vm| plan.attach(&mut vm, BackendMode::Incoming).map(|()| vm))
+                .and_then(|mut vm| {
+                    plan.attach(&mut vm, BackendMode::Incoming)?;
+                    vm.start_paused()?;
+                    Ok(vm)
+                })
                 .map_err(|e| e.to_string())
                 .and_then(|vm| {
                     *self.slot.lock() = Some(vm);
@@ -326,7 +330,7 @@ impl Vmm {
         devices.extend(plan.nets.iter().map(|n| {
             Box::new(LazyDevice::new(n.clone(), self.slot.clone())) as Box<dyn Migratable>
         }));
-        let mut control = VcpuControl(self.slot.clone());
+        let mut control = VcpuControl::destination(self.slot.clone());
         let r = incoming(
             source,
             &IncomingSettings {

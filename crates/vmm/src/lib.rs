@@ -1,10 +1,11 @@
-//! baton-vmm: the reference VMM of baton, today its KVM bring-up.
+//! baton-vmm: the reference VMM of baton.
 //!
 //! It boots a PVH ELF (the harness guest in `tests/guest`, or any PVH kernel) on
 //! KVM with guest RAM in a memfd, an in-kernel irqchip, 1-4 vCPUs each on its own
-//! thread, and the harness status device. It is shaped for what comes next — QMP,
-//! devices, the migration engine — so the pieces a migration engine drives are
-//! public here:
+//! thread, the harness status device and `virtio-net-tap` devices ([`devices`]:
+//! virtio-mmio slots, irqfd, ioeventfds, the device's event loop), and migrates or
+//! live-updates it through baton's engine ([`control`], [`live`]). The pieces a
+//! migration engine drives are public here:
 //!
 //! * [`Vm::ram`] → [`GuestRam::memfd`] / [`GuestRam::regions`]: the RAM memfd and its
 //!   layout, to hand RAM to another process ([`GuestRam::from_memfd`] maps it there).

@@ -261,26 +261,50 @@ impl Migratable for MachineDevice {
     }
 }
 
-/// vCPU control for the engine: pause (vCPUs, then devices quiesced), and resume
-/// (starting an incoming VM's threads, whose devices then catch up with the rings).
-pub struct VcpuControl(pub VmSlot);
+/// vCPU control for the engine: pause (vCPUs, then devices quiesced) and resume. On a
+/// destination the first resume runs the restored VM (its threads were started parked
+/// when it was built) and lets its devices catch up with what the guest queued.
+pub struct VcpuControl {
+    slot: VmSlot,
+    incoming: bool,
+}
+
+impl VcpuControl {
+    /// For a migration source (resume = roll back to running).
+    pub fn source(slot: VmSlot) -> Self {
+        VcpuControl {
+            slot,
+            incoming: false,
+        }
+    }
+
+    /// For a destination (resume = run the restored VM).
+    pub fn destination(slot: VmSlot) -> Self {
+        VcpuControl {
+            slot,
+            incoming: true,
+        }
+    }
+}
 
 impl VmControl for VcpuControl {
     fn pause(&mut self) -> Result<(), String> {
-        self.0.with(|vm| vm.pause().map_err(|e| e.to_string()))
+        self.slot.with(|vm| vm.pause().map_err(|e| e.to_string()))
     }
 
     fn resume(&mut self) -> Result<(), String> {
-        let mut g = self.0.lock();
+        let mut g = self.slot.lock();
         let vm = g.as_mut().ok_or("the VM does not exist")?;
-        if vm.is_started() {
-            vm.resume().map_err(|e| e.to_string())
-        } else {
-            vm.start().map_err(|e| e.to_string())?;
+        // Devices first: their catch-up runs before the vCPUs take a CPU.
+        if std::mem::take(&mut self.incoming) {
             for d in vm.devices() {
                 d.restored();
             }
-            Ok(())
+        }
+        if vm.is_started() {
+            vm.resume().map_err(|e| e.to_string())
+        } else {
+            vm.start().map_err(|e| e.to_string())
         }
     }
 }
@@ -449,6 +473,7 @@ impl IncomingRam for VmRam {
         self.devices
             .attach(&mut vm, baton_virtio_net_tap::BackendMode::Incoming)
             .map_err(|e| e.to_string())?;
+        vm.start_paused().map_err(|e| e.to_string())?;
         *self.slot.lock() = Some(vm);
         Ok(())
     }

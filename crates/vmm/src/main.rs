@@ -184,7 +184,13 @@ fn run(args: &Args, started: Instant) -> baton_vmm::Result<bool> {
     }
     // Wait until there is a running VM (an incoming one appears when its migration ends).
     let status = loop {
-        if let Some(vm) = vmm.slot.lock().as_ref().filter(|vm| vm.is_started()) {
+        // (An incoming VM's threads start parked; it runs once its migration ends.)
+        if let Some(vm) = vmm
+            .slot
+            .lock()
+            .as_ref()
+            .filter(|vm| vm.is_started() && !vm.is_paused())
+        {
             break vm.status().clone();
         }
         if let Some(end) = vmm.wait_end(Duration::from_millis(20)) {

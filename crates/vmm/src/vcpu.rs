@@ -68,6 +68,12 @@ impl Control {
     pub(crate) fn want(&self) -> RunState {
         self.lock().want
     }
+
+    /// Sets the wanted state without waiting (for threads not started yet).
+    pub(crate) fn set_want(&self, want: RunState) {
+        self.lock().want = want;
+        self.cv.notify_all();
+    }
 }
 
 /// Everything a vCPU thread needs to handle exits.

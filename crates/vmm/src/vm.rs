@@ -204,6 +204,18 @@ impl Vm {
         Ok(())
     }
 
+    /// Starts the vCPU threads parked, for an incoming VM: its state is restored while
+    /// they wait and [`Self::resume`] lets them run, so creating threads stays off a
+    /// migration's downtime path.
+    pub fn start_paused(&mut self) -> Result<()> {
+        if self.is_started() {
+            return Err(Error::Config("the VM is already started".into()));
+        }
+        self.ctl.set_want(RunState::Paused);
+        self.start()?;
+        vcpu::transition(&self.ctl, &self.threads, RunState::Paused, PAUSE_TIMEOUT)
+    }
+
     /// Takes every vCPU out of the guest, then quiesces every device; returns once all
     /// vCPUs are parked and no device touches guest memory or its backend.
     pub fn pause(&self) -> Result<()> {

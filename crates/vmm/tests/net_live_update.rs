@@ -51,7 +51,8 @@ fn local_update_with_backend_transfer_loses_no_frame() {
         return;
     }
     let _one = serial();
-    let dev = net_device("");
+    // Two queue pairs: two TAP queue fds change hands (the guest drives pair 0).
+    let dev = net_device(",queues=2");
     let o = live_update_under_traffic("bt", "microvm", &dev, &dev, CAPS);
     print_outcome("backend-transfer", &o);
     let t = &o.traffic;
@@ -60,7 +61,17 @@ fn local_update_with_backend_transfer_loses_no_frame() {
     assert_eq!(o.guest.get("dup"), Some(&0), "{}", o.dst.dump());
     // ... and echoed each one: the host got all of them back, once.
     assert!(t.host_sent > 0 && t.send_errors == 0, "{t:?}");
-    assert_eq!(t.host_lost(), 0, "host frames never echoed: {t:?}");
+    assert_eq!(
+        t.host_lost(),
+        0,
+        "host frames never echoed: {t:?}\nstopped sending {:?} before the guest's last \
+         frame\n{}\n{}{}",
+        t.last_guest_frame_at
+            .map(|g| g.saturating_duration_since(o.stopped_sending)),
+        o.tap_stats,
+        o.src.dump(),
+        o.dst.dump()
+    );
     assert_eq!(t.echo_dups, 0, "{t:?}");
     // The host saw every guest frame, #0 to the last, once, in order.
     assert_eq!(t.guest_first, Some(0), "{t:?}");
@@ -68,7 +79,12 @@ fn local_update_with_backend_transfer_loses_no_frame() {
     assert_eq!((t.guest_lost, t.guest_dup), (0, 0), "{t:?}");
     assert_eq!(t.guest_frames, NET_COUNT, "{t:?}");
     // The TAP fds were handed over, not reopened.
-    o.src.wait_line("TAP exported", T);
+    let exported = o.src.wait_line("TAP exported", T);
+    assert!(
+        plain(&exported.text).contains("queues=2"),
+        "{}",
+        exported.text
+    );
     o.src.wait_line("TAP released", T);
     assert!(
         !o.dst.lines().iter().any(|l| l.text.contains("TAP opened")),

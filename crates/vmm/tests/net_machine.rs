@@ -130,6 +130,43 @@ fn compat_turns_backend_transfer_off_on_microvm_1_0_with_provenance() {
 }
 
 #[test]
+fn a_bad_device_property_fails_with_the_qdev_text() {
+    let out = Command::new(vmm_bin())
+        .args([
+            "--device",
+            "virtio-net-tap,id=net0,ifname=tap0,queues=0",
+            "--incoming",
+            "defer",
+        ])
+        .output()
+        .expect("baton-vmm");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "device 'net0' (virtio-net-tap): invalid value '0' for property 'queues' \
+             (explicit): 0 is out of range 1..=256"
+        ),
+        "{err}"
+    );
+    let out = Command::new(vmm_bin())
+        .args([
+            "--device",
+            "virtio-net-tap,id=net0,ifname=tap0,queues=2,mq=off",
+            "--incoming",
+            "defer",
+        ])
+        .output()
+        .expect("baton-vmm");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("device 'net0' (virtio-net-tap): queues>1 requires mq=on"),
+        "{err}"
+    );
+}
+
+#[test]
 fn microvm_1_0_guest_live_updates_into_the_newest_build_on_microvm_1_0() {
     if !kvm_or_skip("net_microvm_1_0") || !root_or_skip("net_microvm_1_0") {
         return;

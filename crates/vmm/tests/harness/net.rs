@@ -420,6 +420,25 @@ impl Traffic {
     }
 }
 
+/// `text` without ANSI escape sequences (tracing colours its fields).
+pub fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The downtime report lines of a source's "migration ... completed" log.
 pub fn downtime_report(lines: &[super::Line]) -> Vec<String> {
     let Some(start) = lines.iter().position(|l| l.text.starts_with("downtime ")) else {
@@ -531,6 +550,10 @@ pub struct UpdateOutcome {
     pub guest: std::collections::HashMap<String, u64>,
     /// The source's downtime breakdown.
     pub downtime: Vec<String>,
+    /// `ip -s -s link show tap0` at the end (kernel drop counters), for diagnosis.
+    pub tap_stats: String,
+    /// When the host stopped sending.
+    pub stopped_sending: std::time::Instant,
     pub src: super::Vmm,
     pub dst: super::Vmm,
 }
@@ -576,6 +599,7 @@ pub fn live_update_under_traffic(
     );
     wait_flowing(&traffic, &after, "after the update", &[&src, &dst]);
     traffic.set_sending(0, false);
+    let stopped_sending = Instant::now();
     // The guest still runs for a while (checked above): the host's last frames come
     // back as echoes before it exits.
     let (st, _) = dst.wait_exit(T);
@@ -590,10 +614,15 @@ pub fn live_update_under_traffic(
         u64::from(s.guest_next.unwrap_or(0)) >= NET_COUNT
     });
     let downtime = downtime_report(&src.lines());
+    let tap_stats = ns
+        .ip(&["-s", "-s", "link", "show", "tap0"])
+        .unwrap_or_else(|e| e);
     UpdateOutcome {
         traffic: traffic.stop(),
         guest,
         downtime,
+        tap_stats,
+        stopped_sending,
         src,
         dst,
     }
