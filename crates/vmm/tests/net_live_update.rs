@@ -18,6 +18,7 @@ mod harness;
 use std::time::Duration;
 
 use harness::net::*;
+use harness::netrun::*;
 use harness::*;
 use serde_json::json;
 

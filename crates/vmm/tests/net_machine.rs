@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::net::*;
+use harness::netrun::*;
 use harness::*;
 use serde_json::{json, Value};
 

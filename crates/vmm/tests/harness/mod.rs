@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod netrun;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
