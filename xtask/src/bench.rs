@@ -157,11 +157,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 /// A size as both VMMs take it (`256M`).
-fn size_arg(bytes: u64) -> String {
+pub(crate) fn size_arg(bytes: u64) -> String {
     format!("{}M", bytes >> 20)
 }
 
-fn size_label(bytes: u64) -> String {
+pub(crate) fn size_label(bytes: u64) -> String {
     if bytes % (1 << 30) == 0 {
         format!("{} GiB", bytes >> 30)
     } else {
@@ -406,7 +406,7 @@ pub fn json_str(s: &str) -> String {
     o
 }
 
-fn json_num(v: Option<f64>) -> String {
+pub(crate) fn json_num(v: Option<f64>) -> String {
     match v {
         Some(v) if v.is_finite() => format!("{:.3}", v),
         _ => "null".into(),
@@ -418,14 +418,14 @@ fn json_num(v: Option<f64>) -> String {
 
 /// A line of a child's output and when it arrived.
 #[derive(Clone, Debug)]
-struct Line {
-    at: Instant,
-    stderr: bool,
-    text: String,
+pub(crate) struct Line {
+    pub(crate) at: Instant,
+    pub(crate) stderr: bool,
+    pub(crate) text: String,
 }
 
 /// A child process, killed on drop, whose stdout and stderr are kept line by line.
-struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Child,
     out: Arc<Mutex<Vec<Line>>>,
@@ -433,7 +433,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
+    pub(crate) fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -488,18 +488,18 @@ impl Proc {
         })
     }
 
-    fn lines(&self) -> Vec<Line> {
+    pub(crate) fn lines(&self) -> Vec<Line> {
         self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// `f` on the output so far, without copying it (the vCPUs need the host's CPUs more
     /// than the benchmark does).
-    fn with_lines<T>(&self, f: impl FnOnce(&[Line]) -> T) -> T {
+    pub(crate) fn with_lines<T>(&self, f: impl FnOnce(&[Line]) -> T) -> T {
         f(&self.out.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Adds a line of the benchmark's own to this process's log (a time mark).
-    fn mark(&self, text: &str) {
+    pub(crate) fn mark(&self, text: &str) {
         self.out
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -511,7 +511,7 @@ impl Proc {
     }
 
     /// The last `n` lines, for error messages.
-    fn tail(&self, n: usize) -> String {
+    pub(crate) fn tail(&self, n: usize) -> String {
         let lines = self.lines();
         let skip = lines.len().saturating_sub(n);
         let mut s = format!("--- last output of {} ---\n", self.name);
@@ -522,7 +522,7 @@ impl Proc {
         s
     }
 
-    fn exited(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             self.status = self.child.try_wait().ok().flatten();
         }
@@ -531,7 +531,7 @@ impl Proc {
 
     /// Waits until `pred` holds on the output so far; fails when the process exits first
     /// or the deadline passes.
-    fn wait_for(
+    pub(crate) fn wait_for(
         &mut self,
         what: &str,
         deadline: Instant,
@@ -563,7 +563,7 @@ impl Proc {
         }
     }
 
-    fn wait_exit(&mut self, deadline: Instant) -> Result<ExitStatus> {
+    pub(crate) fn wait_exit(&mut self, deadline: Instant) -> Result<ExitStatus> {
         loop {
             if let Some(st) = self.exited() {
                 std::thread::sleep(Duration::from_millis(30)); // let the readers drain
@@ -592,7 +592,7 @@ impl Drop for Proc {
 
 /// Writes every process's output of one run, with arrival times in ms after the run
 /// started, to `<dir>/<tag>-<name>.log` when dropped (so failed runs keep theirs too).
-struct RunLogs {
+pub(crate) struct RunLogs {
     dir: PathBuf,
     tag: String,
     t0: Instant,
@@ -600,7 +600,7 @@ struct RunLogs {
 }
 
 impl RunLogs {
-    fn new(dir: &Path, tag: &str) -> RunLogs {
+    pub(crate) fn new(dir: &Path, tag: &str) -> RunLogs {
         RunLogs {
             dir: dir.to_owned(),
             tag: tag.to_owned(),
@@ -609,7 +609,7 @@ impl RunLogs {
         }
     }
 
-    fn add(&mut self, short: &str, p: &Proc) {
+    pub(crate) fn add(&mut self, short: &str, p: &Proc) {
         self.procs.push((short.to_owned(), p.out.clone()));
     }
 }
@@ -648,20 +648,20 @@ fn strip_ansi(s: &str) -> String {
 }
 
 /// Scratch files of one run: a folder for sockets, and QEMU's shared RAM file.
-struct Scratch {
+pub(crate) struct Scratch {
     dir: PathBuf,
-    shm: Option<PathBuf>,
+    pub(crate) shm: Option<PathBuf>,
 }
 
 impl Scratch {
-    fn new(tag: &str) -> Result<Scratch> {
+    pub(crate) fn new(tag: &str) -> Result<Scratch> {
         let dir = std::env::temp_dir().join(format!("baton-bench-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| err!("creating {}: {e}", dir.display()))?;
         Ok(Scratch { dir, shm: None })
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 }
@@ -675,14 +675,19 @@ impl Drop for Scratch {
     }
 }
 
-fn wait_path(path: &Path, what: &str, deadline: Instant, owner: &mut Proc) -> Result<()> {
+pub(crate) fn wait_path(
+    path: &Path,
+    what: &str,
+    deadline: Instant,
+    owner: &mut Proc,
+) -> Result<()> {
     owner.wait_for(what, deadline, |_| path.exists())
 }
 
 // ---------------------------------------------------------------------------------------
 // QMP.
 
-struct Qmp {
+pub(crate) struct Qmp {
     name: String,
     r: BufReader<UnixStream>,
     w: UnixStream,
@@ -691,7 +696,7 @@ struct Qmp {
 
 impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities.
-    fn connect(name: &str, path: &Path, deadline: Instant) -> Result<Qmp> {
+    pub(crate) fn connect(name: &str, path: &Path, deadline: Instant) -> Result<Qmp> {
         let s = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
@@ -744,7 +749,7 @@ impl Qmp {
     }
 
     /// Runs `cmd` with `args` (a JSON object); the `return` value, or the error's text.
-    fn execute(&mut self, cmd: &str, args: &str, deadline: Instant) -> Result<Json> {
+    pub(crate) fn execute(&mut self, cmd: &str, args: &str, deadline: Instant) -> Result<Json> {
         let msg = format!("{{\"execute\":{},\"arguments\":{args}}}\n", json_str(cmd));
         self.w
             .write_all(msg.as_bytes())
@@ -782,7 +787,13 @@ impl Qmp {
 
 /// QMP `migrate` to `uri`, then the MIGRATION event that ends it (time marks go into
 /// the source's log).
-fn migrate(qs: &mut Qmp, uri: &str, src: &Proc, dst: &Proc, deadline: Instant) -> Result<Json> {
+pub(crate) fn migrate(
+    qs: &mut Qmp,
+    uri: &str,
+    src: &Proc,
+    dst: &Proc,
+    deadline: Instant,
+) -> Result<Json> {
     src.mark("migrate sent");
     qs.execute(
         "migrate",
@@ -852,7 +863,7 @@ struct Gap {
     excess_ms: f64,
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -927,7 +938,7 @@ impl Summary {
         })
     }
 
-    fn json(s: Option<Summary>) -> String {
+    pub(crate) fn json(s: Option<Summary>) -> String {
         match s {
             Some(s) => format!(
                 "{{\"n\": {}, \"median\": {}, \"min\": {}, \"max\": {}}}",
@@ -941,7 +952,7 @@ impl Summary {
     }
 }
 
-fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
+pub(crate) fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
         _ => None,
@@ -1037,7 +1048,7 @@ impl Ctx {
 }
 
 /// `downtime X ms` and `  source: PHASE   X ms` lines of baton's source log.
-fn parse_breakdown(lines: &[Line]) -> (Option<f64>, Vec<(String, f64)>) {
+pub(crate) fn parse_breakdown(lines: &[Line]) -> (Option<f64>, Vec<(String, f64)>) {
     let mut downtime = None;
     let mut phases = Vec::new();
     for l in lines.iter().filter(|l| l.stderr) {
@@ -1243,7 +1254,7 @@ fn qemu_run(ctx: &Ctx, q: &qemu::Qemu, memory: u64, ncpus: usize, tag: &str) -> 
 /// The VMMs run at nice 10 and the benchmark at the default 0: the vCPU threads spin,
 /// and a reader thread that waits behind them for a CPU would timestamp the guest's
 /// lines late. Both VMMs get the same treatment.
-const VMM_NICE: &str = "10";
+pub(crate) const VMM_NICE: &str = "10";
 
 fn niced(program: &Path) -> Command {
     let mut c = Command::new("nice");
@@ -1252,7 +1263,7 @@ fn niced(program: &Path) -> Command {
 }
 
 /// `cmd` (program, arguments and environment) run through `nice`.
-fn niced_command(cmd: Command) -> Command {
+pub(crate) fn niced_command(cmd: Command) -> Command {
     let mut c = niced(Path::new(cmd.get_program()));
     c.args(cmd.get_args());
     for (k, v) in cmd.get_envs() {
@@ -1265,14 +1276,14 @@ fn niced_command(cmd: Command) -> Command {
 }
 
 /// The first three fields of `/proc/loadavg`.
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Builds `baton-vmm` (release) and returns its path.
-fn build_vmm(target: &Path) -> Result<PathBuf> {
+pub(crate) fn build_vmm(target: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(crate::repo_root())
@@ -1414,7 +1425,7 @@ pub fn live_update(opts: &LiveUpdateOptions) -> Result<LiveUpdateReport> {
     Ok(report)
 }
 
-fn cell(s: Option<Summary>, digits: usize) -> String {
+pub(crate) fn cell(s: Option<Summary>, digits: usize) -> String {
     match s {
         Some(s) => format!(
             "{:>8.d$} {:>8.d$} {:>8.d$}",
@@ -1427,7 +1438,7 @@ fn cell(s: Option<Summary>, digits: usize) -> String {
     }
 }
 
-fn fmt_ratio(r: Option<f64>) -> String {
+pub(crate) fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or("-".into(), |r| format!("{r:.2}"))
 }
 

@@ -10,6 +10,7 @@
 //! * `bench/live-update.json` — the numbers of `cargo xtask bench live-update` ([`bench`]).
 
 pub mod bench;
+pub mod bench_net;
 pub mod demo;
 pub mod guest;
 pub mod qemu;

@@ -37,6 +37,9 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("qemu") => qemu_cmd(&args[1..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("net-update") => {
+            xtask::bench_net::main(&args[2..])
+        }
         Some("bench") => xtask::bench::main(&args[1..]),
         Some("demo") => match &args[1..] {
             [] => xtask::demo::demo("1G"),
