@@ -22,18 +22,26 @@ pub struct CounterState {
     pub ring_size: u32,
 }
 
-fn check_state(s: &CounterState) -> Result<(), VmStateError> {
-    if !s.ring_size.is_power_of_two() || s.ring_size > 4096 {
+fn check_ring_size(ring_size: u32) -> Result<(), VmStateError> {
+    if !ring_size.is_power_of_two() || ring_size > 4096 {
         return Err(VmStateError::invalid(
             "ring_size",
-            format!("{} is not a power of two up to 4096", s.ring_size),
+            format!("{ring_size} is not a power of two up to 4096"),
         ));
     }
     Ok(())
 }
 
+fn check_state(s: &CounterState) -> Result<(), VmStateError> {
+    check_ring_size(s.ring_size)
+}
+
+fn check_early(s: &CounterEarly) -> Result<(), VmStateError> {
+    check_ring_size(s.ring_size)
+}
+
 #[derive(VmState, Debug, Default, Clone, PartialEq)]
-#[vmstate(name = "test-counter/early", version = 1, early_setup)]
+#[vmstate(name = "test-counter/early", version = 1, early_setup, validate = check_early)]
 pub struct CounterEarly {
     pub ring_size: u32,
 }
