@@ -149,6 +149,7 @@ fn backend_transfer_on_one_side_only_is_refused_in_the_handshake() {
         HOST_INTERVAL,
     );
     let src = spawn_net_source(&dir, &ns.name, "microvm", &net_device(""), CAPS);
+    wait_carrier(&ns.name, "tap0", T).expect("carrier");
     traffic.set_sending(0, true);
     wait_flowing(&traffic, &TrafficStats::default(), "before", &[&src]);
     let mut dst = spawn_net_destination(

@@ -9,8 +9,9 @@
 //! itself (QEMU's qemu_announce_self), which the host of B observes. RAM pages the
 //! device wrote during pre-copy (received frames, used rings) reach the destination
 //! through the device's write-tracking memory, so the guest's rings stay consistent:
-//! nothing is duplicated. Frames sent to namespace A while the guest moves are lost
-//! (that TAP has nobody reading it any more); the count is reported.
+//! nothing is duplicated. With early setup the destination opens B's TAP before
+//! switchover. Frames sent to namespace A while the guest moves are lost (that TAP has
+//! nobody reading it any more); the count is reported.
 
 mod harness;
 
@@ -47,12 +48,16 @@ fn remote_migration_resumes_traffic_and_announces_the_guest() {
     );
     let dir = TempDir::new("net-remote");
     let dev = net_device("");
-    let mut src = spawn_net_source(&dir, &pair.src, "microvm", &dev, "");
+    // Early setup lets the destination open its TAP queues while the source still runs
+    // (as a real destination host would), so B's link is up when the guest arrives.
+    let caps = "early-setup";
+    let mut src = spawn_net_source(&dir, &pair.src, "microvm", &dev, caps);
+    wait_carrier(&pair.src, "tap0", T).expect("carrier in A");
     traffic.set_sending(0, true);
     wait_flowing(&traffic, &TrafficStats::default(), "in A", &[&src]);
 
     let uri = "tcp:10.77.0.2:4446";
-    let mut dst = spawn_net_destination("dst", &dir, &pair.dst, "microvm", &dev, "", uri);
+    let mut dst = spawn_net_destination("dst", &dir, &pair.dst, "microvm", &dev, caps, uri);
     src.qmp()
         .execute("migrate", json!({ "uri": uri }))
         .expect("migrate");
@@ -60,6 +65,7 @@ fn remote_migration_resumes_traffic_and_announces_the_guest() {
     // paused are lost: nobody reads that TAP any more).
     dst.wait_line("incoming migration completed", T);
     traffic.set_sending(0, false);
+    wait_carrier(&pair.dst, "tap0", T).expect("carrier in B");
     traffic.set_sending(1, true);
     let moved = traffic.stats();
     let (st, _) = src.wait_exit(T);

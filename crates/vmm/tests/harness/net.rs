@@ -117,6 +117,24 @@ pub fn add_tap(ns: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Waits until the kernel's link watcher has activated `ifname` in `ns` (carrier seen,
+/// qdisc attached). A TAP gets its carrier when a VMM attaches its first queue, but
+/// until the link watcher runs (up to a second later) the interface's qdisc is `noop`,
+/// which drops what is sent: frames sent then never reach any TAP queue.
+pub fn wait_carrier(ns: &str, ifname: &str, timeout: Duration) -> Result<(), String> {
+    let end = Instant::now() + timeout;
+    loop {
+        let l = ip_in(ns, &["-o", "link", "show", ifname])?;
+        if l.contains("state UP") && !l.contains("qdisc noop") {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            return Err(format!("{ifname} in {ns} not up after {timeout:?}: {l}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `f` on a thread that entered namespace `ns` (sockets it opens stay in it).
 pub fn enter<T: Send + 'static>(
     ns: &str,

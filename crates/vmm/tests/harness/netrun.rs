@@ -127,6 +127,7 @@ pub fn live_update_under_traffic(
         HOST_INTERVAL,
     );
     let mut src = spawn_net_source(&dir, &ns.name, machine, src_device, caps);
+    wait_carrier(&ns.name, "tap0", T).expect("carrier");
     traffic.set_sending(0, true);
     wait_flowing(
         &traffic,
