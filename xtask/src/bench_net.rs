@@ -525,6 +525,18 @@ fn wait_cpu0(p: &mut Proc, what: &str, n: usize, deadline: Instant) -> Result<()
     p.wait_for(what, deadline, |l| cpu0_lines(l).len() >= n)
 }
 
+/// Frames flow both ways before the destination starts (QEMU's destination opening the
+/// TAP is part of what is measured).
+fn flowing_before(peer: &mut Option<Proc>, deadline: Instant) -> Result<()> {
+    if let Some(p) = peer.as_mut() {
+        p.wait_for("frames flowing before the update", deadline, |l| {
+            peer_stats(l, "stats")
+                .is_some_and(|s| get(&s, "guest_frames") >= 100 && get(&s, "echoes") >= 100)
+        })?;
+    }
+    Ok(())
+}
+
 fn one_run(ctx: &Ctx, kind: Kind, tag: &str) -> Result<RunResult> {
     let mut scratch = Scratch::new(tag)?;
     let (s_qmp, d_qmp, mig, stop) = (
@@ -573,6 +585,7 @@ fn one_run(ctx: &Ctx, kind: Kind, tag: &str) -> Result<RunResult> {
             src = Proc::spawn("baton-vmm source", ns.command(c, true))?;
             logs.add("src", &src);
             wait_cpu0(&mut src, "vCPU 0 lines", LINES_BEFORE, deadline)?;
+            flowing_before(&mut peer, deadline)?;
             let mut c = Command::new(&ctx.vmm);
             c.arg("--incoming").arg(&uri);
             base(&mut c, &d_qmp);
@@ -625,6 +638,7 @@ fn one_run(ctx: &Ctx, kind: Kind, tag: &str) -> Result<RunResult> {
             src = Proc::spawn("QEMU source", ns.command(c, true))?;
             logs.add("src", &src);
             wait_cpu0(&mut src, "vCPU 0 lines", LINES_BEFORE, deadline)?;
+            flowing_before(&mut peer, deadline)?;
             let mut c = machine(&d_qmp);
             c.arg("-incoming").arg(&uri);
             dst = Proc::spawn("QEMU destination", ns.command(c, true))?;
@@ -646,12 +660,6 @@ fn one_run(ctx: &Ctx, kind: Kind, tag: &str) -> Result<RunResult> {
                 deadline,
             )?;
         }
-    }
-    if let Some(p) = peer.as_mut() {
-        p.wait_for("frames flowing before the update", deadline, |l| {
-            peer_stats(l, "stats")
-                .is_some_and(|s| get(&s, "guest_frames") >= 100 && get(&s, "echoes") >= 100)
-        })?;
     }
     let ev = migrate(&mut qs, &uri, &src, &dst, deadline)?;
     let info = qs.execute("query-migrate", "{}", deadline).ok();
