@@ -362,28 +362,28 @@ fn guest_gap(src: &[Line], dst: &[Line]) -> Result<Gap> {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
-    BatonNet,
-    BatonNoNet,
-    QemuNet,
+    Baton,
+    Baseline,
+    Qemu,
 }
 
 impl Kind {
     fn key(self) -> &'static str {
         match self {
-            Kind::BatonNet => "baton-net",
-            Kind::BatonNoNet => "baton-nonet",
-            Kind::QemuNet => "qemu-net",
+            Kind::Baton => "baton-net",
+            Kind::Baseline => "baton-nonet",
+            Kind::Qemu => "qemu-net",
         }
     }
     fn label(self) -> &'static str {
         match self {
-            Kind::BatonNet => "baton virtio-net 2q",
-            Kind::BatonNoNet => "baton no net device",
-            Kind::QemuNet => "QEMU 7.2 TCG virtio-net",
+            Kind::Baton => "baton virtio-net 2q",
+            Kind::Baseline => "baton no net device",
+            Kind::Qemu => "QEMU 7.2 TCG virtio-net",
         }
     }
     fn net(self) -> bool {
-        self != Kind::BatonNoNet
+        self != Kind::Baseline
     }
     fn cmdline(self) -> String {
         if self.net() {
@@ -472,9 +472,9 @@ fn net_update(opts: &Options) -> Result<()> {
         "xtask: {} host CPUs, load average {}",
         ctx.host_cpus, ctx.load_before
     );
-    let mut kinds = vec![Kind::BatonNet, Kind::BatonNoNet];
+    let mut kinds = vec![Kind::Baton, Kind::Baseline];
     if ctx.qemu.is_some() {
-        kinds.push(Kind::QemuNet);
+        kinds.push(Kind::Qemu);
     }
     let mut series: Vec<(Kind, Vec<RunResult>)> = kinds.iter().map(|k| (*k, Vec::new())).collect();
     let started = Instant::now();
@@ -566,7 +566,7 @@ fn one_run(ctx: &Ctx, kind: Kind, tag: &str) -> Result<RunResult> {
 
     let (mut src, mut dst, mut qs, mut qd);
     match kind {
-        Kind::BatonNet | Kind::BatonNoNet => {
+        Kind::Baton | Kind::Baseline => {
             let base = |c: &mut Command, qmp: &Path| {
                 c.args(["--machine", "microvm", "--memory", &mem, "--cpus", "1"])
                     .arg("--qmp")
@@ -596,7 +596,7 @@ fn one_run(ctx: &Ctx, kind: Kind, tag: &str) -> Result<RunResult> {
             qs = Qmp::connect("baton-vmm source", &s_qmp, deadline)?;
             qd = Qmp::connect("baton-vmm destination", &d_qmp, deadline)?;
         }
-        Kind::QemuNet => {
+        Kind::Qemu => {
             let q = ctx
                 .qemu
                 .as_ref()
@@ -702,7 +702,7 @@ fn one_run(ctx: &Ctx, kind: Kind, tag: &str) -> Result<RunResult> {
         ));
     }
     match kind {
-        Kind::QemuNet => {
+        Kind::Qemu => {
             for (qmp, p) in [(&mut qs, &mut src), (&mut qd, &mut dst)] {
                 let _ = qmp.execute("quit", "{}", deadline);
                 p.wait_exit(deadline)?;
@@ -816,8 +816,8 @@ fn render(ctx: &Ctx, series: &[(Kind, Vec<RunResult>)], took: Duration) -> (Stri
     ));
     t.push_str(&format!(
         "guest net rows `{}` + host frames every 5 ms; baseline `{}`\n",
-        Kind::BatonNet.cmdline(),
-        Kind::BatonNoNet.cmdline()
+        Kind::Baton.cmdline(),
+        Kind::Baseline.cmdline()
     ));
     t.push_str(&format!(
         "baton: --migrate-capabilities {CAPS}, net rows --device virtio-net-tap,id=net0,ifname=tap0,queues=2\nQEMU: -M microvm,acpi=off -accel tcg, memory-backend-file share=on on /dev/shm, x-ignore-shared, -netdev tap,ifname=tap0,queues=2,vhost=off -device virtio-net-device -global virtio-mmio.force-legacy=false\n"
@@ -850,19 +850,19 @@ fn render(ctx: &Ctx, series: &[(Kind, Vec<RunResult>)], took: Duration) -> (Stri
     let ratios = [
         (
             "net_over_nonet_own",
-            ratio(m(Kind::BatonNet, 1), m(Kind::BatonNoNet, 1)),
+            ratio(m(Kind::Baton, 1), m(Kind::Baseline, 1)),
         ),
         (
             "net_over_nonet_guest_gap",
-            ratio(m(Kind::BatonNet, 2), m(Kind::BatonNoNet, 2)),
+            ratio(m(Kind::Baton, 2), m(Kind::Baseline, 2)),
         ),
         (
             "baton_over_qemu_guest_gap",
-            ratio(m(Kind::BatonNet, 2), m(Kind::QemuNet, 2)),
+            ratio(m(Kind::Baton, 2), m(Kind::Qemu, 2)),
         ),
         (
             "baton_over_qemu_query_migrate",
-            ratio(m(Kind::BatonNet, 0), m(Kind::QemuNet, 0)),
+            ratio(m(Kind::Baton, 0), m(Kind::Qemu, 0)),
         ),
     ];
     t.push_str("\nratios of medians:\n");
@@ -870,7 +870,7 @@ fn render(ctx: &Ctx, series: &[(Kind, Vec<RunResult>)], took: Duration) -> (Stri
         t.push_str(&format!("  {n:<32} {}\n", fmt_ratio(*r)));
     }
     t.push_str("  (QEMU's query-migrate downtime ends when its source sent the last byte, baton's when the destination runs; the guest line gap is the same measure for both)\n");
-    for k in [Kind::BatonNet, Kind::BatonNoNet] {
+    for k in [Kind::Baton, Kind::Baseline] {
         let Some(runs) = find(k) else { continue };
         t.push_str(&format!(
             "\n{} downtime breakdown, source log (median / min / max ms):\n",
@@ -901,8 +901,8 @@ fn render(ctx: &Ctx, series: &[(Kind, Vec<RunResult>)], took: Duration) -> (Stri
         o.runs,
         o.memory,
         json_str(CAPS),
-        json_str(&Kind::BatonNet.cmdline()),
-        json_str(&Kind::BatonNoNet.cmdline()),
+        json_str(&Kind::Baton.cmdline()),
+        json_str(&Kind::Baseline.cmdline()),
         HOST_INTERVAL_S,
         json_str(&ctx.vmm.display().to_string())
     ));
