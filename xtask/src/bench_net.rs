@@ -491,7 +491,7 @@ fn net_update(opts: &Options) -> Result<()> {
                 )
             })?;
             eprintln!(
-                "xtask: run {:>2}/{} {:<24} downtime {:>8} ms (query-migrate {:>4} ms)  guest gap {:>7.2} ms (interval {:>5.2})  frames lost {} (host->guest {}, guest->host {}; guest says lost={})",
+                "xtask: run {:>2}/{} {:<24} downtime {:>8} ms (query-migrate {:>4} ms)  guest gap {:>7.2} ms (interval {:>5.2})  frames lost {} (host frames not echoed {}, guest frames lost {}; guest says lost={})",
                 run + 1,
                 opts.runs,
                 kind.label(),
@@ -836,7 +836,7 @@ fn render(ctx: &Ctx, series: &[(Kind, Vec<RunResult>)], took: Duration) -> (Stri
         "own downtime (baton: log)",
         "guest line gap",
         "gap - usual interval",
-        "frames lost (host count)",
+        "frames lost (host-side)",
         "guest lost= (host->guest)"
     ));
     for (k, runs) in series {
