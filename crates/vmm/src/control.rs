@@ -258,6 +258,11 @@ impl Vmm {
                     self.end(Ending::MigratedAway);
                 }
             }
+            Err(e @ baton_migration::MigrationError::Unconfirmed(_)) => {
+                // The destination may be running the guest: this copy must not.
+                error!("migration to {target}: {e}");
+                self.set_run(RunState::Postmigrate);
+            }
             Err(e) => error!("migration to {target} failed: {e}; the VM runs on"),
         }
     }
