@@ -15,13 +15,18 @@
 //! use baton_virtio_net_tap::{BackendMode, NetWorker, VirtioNetTap, VirtioNetTapConfig};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //! use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-//! # fn config() -> VirtioNetTapConfig { unimplemented!() }
+//! # fn config() -> Result<VirtioNetTapConfig, Box<dyn std::error::Error>> {
+//! #     let registry = baton_qdev::DeviceRegistry::with_types([baton_virtio_net_tap::device_type()])?;
+//! #     let spec = baton_qdev::DeviceSpec::parse("virtio-net-tap,id=net0,ifname=tap0")?;
+//! #     let props = baton_qdev::PropertyResolver::new(&registry).resolve(&spec)?;
+//! #     Ok(VirtioNetTapConfig::from_resolved(&props)?)
+//! # }
 //! let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 30)])?;
 //! let base = 0xd000_0000u64; // the MMIO window, baton_virtio::regs::MMIO_WINDOW_SIZE bytes
 //! // 1. The interrupt: an EventFd the VMM registers with KVM_IRQFD for the window's GSI.
 //! let irqfd = Arc::new(EventFd::new(EFD_NONBLOCK)?);
 //! // 2. The device; BackendMode::Incoming on a migration destination (opens nothing).
-//! let net = VirtioNetTap::new("net0", config(), mem.clone(), irqfd.clone(), BackendMode::Open)?;
+//! let net = VirtioNetTap::new("net0", config()?, mem.clone(), irqfd.clone(), BackendMode::Open)?;
 //! // 3. MMIO: forward [base, base + 0x200) to net.mmio_read / net.mmio_write (offsets).
 //! let mut word = [0u8; 4];
 //! net.mmio_read(0x0, &mut word);
