@@ -240,7 +240,9 @@ impl Vmm {
     }
 
     pub fn qmp(&self) -> Qmp {
-        Qmp::connect(&self.qmp_path)
+        let mut q = Qmp::connect(&self.qmp_path);
+        q.owner = Some((self.name.clone(), self.lines.clone()));
+        q
     }
 
     /// Guest status lines (`baton-guest: KIND k=v ...`) of `kind`, parsed.
@@ -275,6 +277,8 @@ pub struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
     pub events: Vec<Value>,
+    /// The VMM behind the socket, whose output a failure shows.
+    owner: Option<(String, Arc<Mutex<Vec<Line>>>)>,
 }
 
 impl Qmp {
@@ -285,6 +289,7 @@ impl Qmp {
             r: BufReader::new(s.try_clone().unwrap()),
             w: s,
             events: Vec::new(),
+            owner: None,
         };
         let greeting = q.read();
         assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
@@ -293,16 +298,36 @@ impl Qmp {
         q
     }
 
+    /// Fail showing what the VMM printed: a dropped QMP connection is its story.
+    fn fail(&self, what: &str) -> ! {
+        let out = match &self.owner {
+            Some((name, lines)) => lines
+                .lock()
+                .map(|v| {
+                    v.iter()
+                        .map(|l| format!("[{name}] {}\n", l.text))
+                        .collect::<String>()
+                })
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        panic!("{what}\n{out}")
+    }
+
     fn read(&mut self) -> Value {
         let mut l = String::new();
-        self.r.read_line(&mut l).expect("QMP read");
+        if let Err(e) = self.r.read_line(&mut l) {
+            self.fail(&format!("QMP read: {e}"));
+        }
         serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP message {l:?}: {e}"))
     }
 
     /// Run a command: `Ok(return)` or `Err(error object)`.
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, Value> {
         let msg = json!({"execute": cmd, "arguments": args});
-        writeln!(self.w, "{msg}").expect("QMP write");
+        if let Err(e) = writeln!(self.w, "{msg}") {
+            self.fail(&format!("QMP write of {cmd}: {e}"));
+        }
         loop {
             let m = self.read();
             if m.get("event").is_some() {
