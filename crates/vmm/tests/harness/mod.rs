@@ -325,7 +325,9 @@ impl Qmp {
     /// Run a command: `Ok(return)` or `Err(error object)`.
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, Value> {
         let msg = json!({"execute": cmd, "arguments": args});
-        if let Err(e) = writeln!(self.w, "{msg}") {
+        // One write: the server acts on a complete JSON object, and after `quit` a second
+        // write (the newline) would meet a closed socket.
+        if let Err(e) = self.w.write_all(format!("{msg}\n").as_bytes()) {
             self.fail(&format!("QMP write of {cmd}: {e}"));
         }
         loop {
