@@ -1204,17 +1204,7 @@ fn qemu_run(ctx: &Ctx, q: &qemu::Qemu, memory: u64, ncpus: usize, tag: &str) -> 
     let mut qd = Qmp::connect("QEMU destination", &d_qmp, deadline)?;
     // Both processes have the RAM file open and mapped: its name is no longer needed.
     let _ = std::fs::remove_file(&shm);
-    let caps = |extra: &str| {
-        format!(
-            "{{\"capabilities\":[{{\"capability\":\"x-ignore-shared\",\"state\":true}}{extra}]}}"
-        )
-    };
-    qd.execute("migrate-set-capabilities", &caps(""), deadline)?;
-    qs.execute(
-        "migrate-set-capabilities",
-        &caps(",{\"capability\":\"events\",\"state\":true}"),
-        deadline,
-    )?;
+    qemu_local_capabilities(&mut qs, &mut qd, deadline)?;
     let uri = format!("unix:{}", mig.display());
     let ev = migrate(&mut qs, &uri, &src, &dst, deadline)?;
     let info = qs.execute("query-migrate", "{}", deadline)?;
@@ -1630,6 +1620,23 @@ fn render(ctx: &Ctx, series: &[Series], took: Duration) -> LiveUpdateReport {
         json_num(Some(took.as_secs_f64()))
     ));
     LiveUpdateReport { json: j, table: t }
+}
+
+/// QEMU's local migration with shared memory: `x-ignore-shared` on both sides, and
+/// MIGRATION events on the source.
+pub(crate) fn qemu_local_capabilities(qs: &mut Qmp, qd: &mut Qmp, deadline: Instant) -> Result<()> {
+    let caps = |extra: &str| {
+        format!(
+            "{{\"capabilities\":[{{\"capability\":\"x-ignore-shared\",\"state\":true}}{extra}]}}"
+        )
+    };
+    qd.execute("migrate-set-capabilities", &caps(""), deadline)?;
+    qs.execute(
+        "migrate-set-capabilities",
+        &caps(",{\"capability\":\"events\",\"state\":true}"),
+        deadline,
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -37,8 +37,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::bench::{
-    cell, fmt_ratio, json_num, json_str, loadavg, migrate, ms, parse_breakdown, parse_size, ratio,
-    size_arg, size_label, wait_path, Json, Line, Proc, Qmp, RunLogs, Scratch, Summary, VMM_NICE,
+    cell, fmt_ratio, json_num, json_str, loadavg, migrate, ms, parse_breakdown, parse_size,
+    qemu_local_capabilities, ratio, size_arg, size_label, wait_path, Json, Line, Proc, Qmp,
+    RunLogs, Scratch, Summary, VMM_NICE,
 };
 use crate::{err, guest, qemu, Result};
 
@@ -648,17 +649,7 @@ fn one_run(ctx: &Ctx, kind: Kind, tag: &str) -> Result<RunResult> {
             qs = Qmp::connect("QEMU source", &s_qmp, deadline)?;
             qd = Qmp::connect("QEMU destination", &d_qmp, deadline)?;
             let _ = std::fs::remove_file(&shm);
-            let caps = |extra: &str| {
-                format!(
-                    "{{\"capabilities\":[{{\"capability\":\"x-ignore-shared\",\"state\":true}}{extra}]}}"
-                )
-            };
-            qd.execute("migrate-set-capabilities", &caps(""), deadline)?;
-            qs.execute(
-                "migrate-set-capabilities",
-                &caps(",{\"capability\":\"events\",\"state\":true}"),
-                deadline,
-            )?;
+            qemu_local_capabilities(&mut qs, &mut qd, deadline)?;
         }
     }
     let ev = migrate(&mut qs, &uri, &src, &dst, deadline)?;

@@ -98,7 +98,9 @@ fn qmp(path: &Path, command: &str) -> Result<String> {
     r.read_line(&mut line)
         .map_err(|e| err!("QMP greeting: {e}"))?;
     for cmd in ["{\"execute\":\"qmp_capabilities\"}", command] {
-        writeln!(w, "{cmd}").map_err(|e| err!("QMP write: {e}"))?;
+        // One write: after `quit` a separate newline would meet a closed socket.
+        w.write_all(format!("{cmd}\n").as_bytes())
+            .map_err(|e| err!("QMP write: {e}"))?;
         loop {
             line.clear();
             r.read_line(&mut line).map_err(|e| err!("QMP read: {e}"))?;
